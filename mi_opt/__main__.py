@@ -1,0 +1,5 @@
+import sys
+
+from mi_opt.cli import main
+
+sys.exit(main())

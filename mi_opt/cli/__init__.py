@@ -1,0 +1,42 @@
+"""`mi-opt` command line: one module per verb, each exposing add_parser(sub) and run(args)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mi_opt.errors import MiOptError
+
+# verb -> module under mi_opt.cli; each module defines add_arguments(parser) and run(args) -> int.
+VERBS = {
+    "models": "Bundled models and what is cached.",
+    "profile": "Score every unit by causal ablation; writes profile.json and plots.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mi-opt", description="Compress language models by "
+                                     "locating what matters with causal experiments.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f"mi_opt.cli.{verb.replace('-', '_')}")
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except MiOptError as err:
+        print(f"mi-opt {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mi-opt {args.verb}: interrupted; finished outputs are kept, nothing half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Calibration and evaluation text, tokenized into deterministic fixed windows.
+
+Sources: bundled corpora (see mi_opt/corpora/SOURCES.md), the full Debian installs, a local
+.txt or .jsonl file, or `hf:NAME[:CONFIG]:SPLIT` for users with a network. Several sources
+can be mixed with "+", e.g. "handbook+kjv".
+
+Every window of a corpus has a fixed role: window i is an evaluation window when
+i % EVAL_EVERY == EVAL_EVERY - 1, a calibration window otherwise. The split therefore never
+depends on how many samples a run asks for, and calibration never sees evaluation text.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from mi_opt.errors import MiOptError
+
+CORPUS_DIR = Path(__file__).parent / "corpora"
+EVAL_EVERY = 5
+SPLITS = ("calibration", "evaluation")
+BUNDLED_CORPORA = {"kjv": CORPUS_DIR / "kjv.txt", "handbook": CORPUS_DIR / "handbook.txt"}
+DEBIAN_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
+
+
+def _debian_handbook() -> str:
+    if not DEBIAN_HANDBOOK.is_dir():
+        raise MiOptError("corpus 'handbook-full' needs Debian's package: apt-get install debian-handbook")
+    texts = []
+    for page in sorted(DEBIAN_HANDBOOK.glob("*.html")):
+        body = re.sub(r"(?s)<(script|style|pre)\b.*?</\1>", " ", page.read_text(errors="replace"))
+        texts += [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", p)).strip()
+                  for p in re.findall(r'(?s)<div class="para"[^>]*>(.*?)</div>', body)]
+    import html
+
+    return "\n\n".join(html.unescape(t) for t in texts if len(t) > 80)
+
+
+def _debian_kjv() -> str:
+    import shutil
+    import subprocess
+
+    if shutil.which("bible") is None:
+        raise MiOptError("corpus 'kjv-full' needs Debian's package: apt-get install bible-kjv")
+    raw = subprocess.run(["bible", "-f", "Genesis1:1-Revelation22:21"], capture_output=True,
+                         text=True, check=True).stdout
+    return "\n".join(re.sub(r"^\S+\d+:\d+\s+", "", line) for line in raw.splitlines())
+
+
+def _read_file(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise MiOptError(f"{path}:{n}: each JSONL line needs a string field 'text' ({err})") from err
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def _hf_dataset(spec: str) -> str:
+    parts = spec.split(":")[1:]
+    if len(parts) not in (2, 3):
+        raise MiOptError(f"HF dataset source {spec!r} must look like hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    import datasets
+
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    ds = datasets.load_dataset(name, config, split=split)
+    return "\n\n".join(row["text"] for row in ds if row["text"].strip())
+
+
+def load_text(source: str) -> str:
+    """The raw text of one source, or of several joined with '+'."""
+    if "+" in source and not Path(source).exists():
+        return "\n\n".join(load_text(part) for part in source.split("+"))
+    if source in BUNDLED_CORPORA:
+        return BUNDLED_CORPORA[source].read_text(encoding="utf-8")
+    if source == "handbook-full":
+        return _debian_handbook()
+    if source == "kjv-full":
+        return _debian_kjv()
+    if source.startswith("hf:"):
+        return _hf_dataset(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    raise MiOptError(
+        f"unknown text source {source!r}: use a bundled corpus ({', '.join(BUNDLED_CORPORA)}), "
+        "handbook-full / kjv-full (Debian packages), a .txt/.jsonl file, or hf:NAME:SPLIT")
+
+
+def _all_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    # Models trained with a BOS token (Gemma) behave badly without one at position 0.
+    use_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    body = seq_len - 1 if use_bos else seq_len
+    n = len(ids) // body
+    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    if use_bos:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
+def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: str = "calibration",
+                  seed: int = 0, max_positions: int | None = None) -> torch.Tensor:
+    """A (n_samples, seq_len) LongTensor of non-overlapping windows from one split.
+
+    Deterministic for a fixed (source, tokenizer, seq_len, seed). Raises a clear error when
+    seq_len exceeds the model's context or the corpus has too few windows.
+    """
+    if split not in SPLITS:
+        raise MiOptError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if seq_len < 2 or n_samples < 1:
+        raise MiOptError(f"need seq_len >= 2 and n_samples >= 1 (got seq_len={seq_len}, n_samples={n_samples})")
+    if max_positions and seq_len > max_positions:
+        raise MiOptError(f"seq_len {seq_len} exceeds the model's context of {max_positions} tokens; lower seq_len")
+    windows = _all_windows(tokenizer, load_text(source), seq_len)
+    is_eval = (torch.arange(len(windows)) % EVAL_EVERY) == EVAL_EVERY - 1
+    pool = windows[is_eval] if split == "evaluation" else windows[~is_eval]
+    if len(pool) < n_samples:
+        raise MiOptError(
+            f"corpus {source!r} has only {len(pool)} {split} windows of {seq_len} tokens, "
+            f"{n_samples} requested; lower n_samples or seq_len, or add text")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return pool[order[:n_samples]].clone()

@@ -1,0 +1,65 @@
+"""CompressionPlan: what to remove or quantize, with the budget it was made for.
+
+Every layer index in a plan refers to the ORIGINAL model's numbering (the one the
+profile scored), whatever order surgery applies the steps in.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mi_opt.artifacts import now, read_json, versions, write_json
+from mi_opt.errors import MiOptError
+
+SCHEMA = "mi-opt/compression-plan"
+VERSION = 1
+HEAD_MODES = ("uniform", "free")
+BIT_WIDTHS = (4, 8, 16)
+
+
+@dataclass
+class CompressionPlan:
+    model: dict                                           # spec, fingerprint, n_layers of the source model
+    drop_layers: list[int] = field(default_factory=list)  # original layer indices to delete
+    prune_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> query heads to delete
+    head_mode: str = "uniform"                            # "uniform": plain-transformers loadable
+    # Bits per target. Keys: "L<i>" (every linear of layer i), "L<i>.<module path>" (one module,
+    # path relative to the layer, e.g. "L3.self_attn.q_proj"), "embed", "lm_head". Missing = 16.
+    bits: dict[str, int] = field(default_factory=dict)
+    quant_type: str = "nf4"                               # 4-bit format: "nf4" or "fp4"
+    budget: dict = field(default_factory=dict)            # what the planner was asked for
+    predicted: dict = field(default_factory=dict)         # parameters, bytes after the plan
+    planner: dict = field(default_factory=dict)           # planner name and its config
+    profile: dict = field(default_factory=dict)           # fingerprint/scorer/path of the source profile
+    versions: dict = field(default_factory=versions)
+    created: str = field(default_factory=now)
+
+    def __post_init__(self):
+        self.prune_heads = {int(k): sorted(int(h) for h in v) for k, v in self.prune_heads.items() if v}
+        self.drop_layers = sorted(int(i) for i in self.drop_layers)
+        if self.head_mode not in HEAD_MODES:
+            raise MiOptError(f"head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
+        bad = {k: b for k, b in self.bits.items() if b not in BIT_WIDTHS}
+        if bad:
+            raise MiOptError(f"bit widths must be in {BIT_WIDTHS}; got {bad}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise MiOptError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+
+    def is_empty(self) -> bool:
+        return not (self.drop_layers or self.prune_heads or any(b < 16 for b in self.bits.values()))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prune_heads"] = {str(k): v for k, v in self.prune_heads.items()}
+        return {"schema": SCHEMA, "version": VERSION, **d}
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionPlan":
+        return cls(**{k: v for k, v in d.items() if k not in ("schema", "version")})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressionPlan":
+        return cls.from_dict(read_json(path, SCHEMA, VERSION))

@@ -1,0 +1,59 @@
+"""ImportanceProfile: scores per unit, with everything needed to trust and reuse them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mi_opt.artifacts import now, read_json, versions, write_json
+from mi_opt.units import parse_unit
+
+SCHEMA = "mi-opt/importance-profile"
+VERSION = 1
+METRICS = ("delta_loss", "kl")
+
+
+@dataclass
+class UnitScore:
+    """Mean over calibration batches of one metric's per-batch value, and its standard error."""
+
+    delta_loss: float
+    delta_loss_se: float
+    kl: float
+    kl_se: float
+
+
+@dataclass
+class ImportanceProfile:
+    model: dict                 # spec, fingerprint, model_type, n_layers, heads per layer
+    method: dict                # scorer, ablation kind, engine, notes
+    calibration: dict           # source, n_samples, seq_len, seed, batch_size, split
+    base_loss: float            # mean next-token loss of the unablated model
+    scores: dict[str, UnitScore]
+    cost: dict = field(default_factory=dict)      # wall_time_s, forward/backward counts
+    versions: dict = field(default_factory=versions)
+    created: str = field(default_factory=now)
+
+    def score(self, unit: str, metric: str = "delta_loss") -> float:
+        return getattr(self.scores[unit], metric)
+
+    def units(self, kind: str | None = None) -> list[str]:
+        keys = sorted(self.scores, key=parse_unit)
+        return [k for k in keys if kind is None or parse_unit(k).kind == kind]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scores"] = {k: asdict(v) for k, v in self.scores.items()}
+        return {"schema": SCHEMA, "version": VERSION, **d}
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImportanceProfile":
+        d = {k: v for k, v in d.items() if k not in ("schema", "version")}
+        d["scores"] = {k: UnitScore(**v) for k, v in d["scores"].items()}
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ImportanceProfile":
+        return cls.from_dict(read_json(path, SCHEMA, VERSION))
