@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-VOCAB = 128
+VOCAB = 512
 
 
 def _config(family: str):
@@ -49,3 +49,26 @@ def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = 
 
 def tiny_windows(n: int = 8, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with VOCAB entries, trained in memory on bundled text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mi_opt.data import load_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([load_text("handbook")[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def save_tiny(folder, family: str = "llama"):
+    """Write a tiny model and tokenizer as a local model folder; returns the folder."""
+    tiny_model(family).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
