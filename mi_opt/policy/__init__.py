@@ -1,0 +1,65 @@
+"""Planners: from an ImportanceProfile and a budget to a CompressionPlan.
+
+    plan = make_plan(profile, "layer-skip", {"n_drop": 6}, model)
+
+Planners register themselves in `PLANNERS` (see base.py for the protocol); importing this
+package imports every built-in planner.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from mi_opt.artifacts import model_fingerprint
+from mi_opt.errors import MiOptError
+from mi_opt.plan import CompressionPlan
+from mi_opt.policy.base import PLANNERS, PlanContext, Planner, parse_config
+from mi_opt.policy.cost import ModelCost
+from mi_opt.profile.importance import ImportanceProfile
+
+for _name in ("layer_skip", "head_prune", "combined", "bits"):
+    try:
+        importlib.import_module(f"mi_opt.policy.{_name}")
+    except ModuleNotFoundError as err:
+        # bits.py is built separately; until it exists the other planners still work.
+        if err.name != f"mi_opt.policy.{_name}":
+            raise
+
+__all__ = ["PLANNERS", "Planner", "PlanContext", "make_plan"]
+
+
+def _model_for(profile: ImportanceProfile, model: nn.Module | None) -> nn.Module:
+    if model is None:
+        spec = profile.model.get("spec")
+        if not spec:
+            raise MiOptError("make_plan needs the model to count parameters, and the profile records no "
+                             "model spec: pass model=")
+        from mi_opt.models import load_model
+
+        model, _ = load_model(spec)
+    expected = profile.model.get("fingerprint")
+    if expected and expected != model_fingerprint(model):
+        raise MiOptError(f"the profile was measured on model fingerprint {expected}, but the given model's is "
+                         f"{model_fingerprint(model)}: plan with the model the profile scored")
+    return model
+
+
+def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None, model: nn.Module | None = None,
+              windows: torch.Tensor | None = None, progress: bool = True) -> CompressionPlan:
+    """Run one registered planner. `model` (loaded from the profile's spec when None) is only read."""
+    planner = PLANNERS.get(planner_name)
+    cfg = parse_config(planner.config_cls, config)
+    model = _model_for(profile, model)
+    ctx = PlanContext(model=model, cost=ModelCost.from_model(model), windows=windows, progress=progress)
+    plan = planner.fn(profile, cfg, ctx)
+    plan.model = {"spec": profile.model.get("spec"), "fingerprint": profile.model.get("fingerprint"),
+                  "model_type": profile.model.get("model_type"), "n_layers": ctx.cost.n_layers}
+    plan.planner = {"name": planner_name, "config": dataclasses.asdict(cfg), **plan.planner}
+    plan.profile = {"fingerprint": profile.model.get("fingerprint"), "created": profile.created,
+                    "method": {k: profile.method.get(k) for k in ("scorer", "ablation", "engine")},
+                    "calibration": profile.calibration}
+    return plan

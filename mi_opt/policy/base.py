@@ -1,0 +1,65 @@
+"""What every planner shares: the registry, the context a planner runs in, config parsing.
+
+A planner is a config dataclass plus a function `(profile, config, ctx) -> CompressionPlan`.
+`make_plan` fills in the plan's provenance (model, planner, profile), so planners only decide.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mi_opt.errors import MiOptError
+from mi_opt.plan import CompressionPlan
+from mi_opt.policy.cost import ModelCost
+from mi_opt.profile.importance import METRICS, ImportanceProfile
+from mi_opt.registry import Registry
+
+
+@dataclass
+class PlanContext:
+    model: nn.Module                    # the uncompressed model the profile scored (never modified)
+    cost: ModelCost
+    windows: torch.Tensor | None = None  # calibration windows, for planners that re-profile
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Planner:
+    config_cls: type
+    fn: Callable[[ImportanceProfile, Any, PlanContext], CompressionPlan]
+    description: str
+
+
+PLANNERS: Registry[Planner] = Registry("planner")
+
+
+def parse_config(cls: type, config: Any) -> Any:
+    """A planner config from None (defaults), a dict (unknown keys rejected) or an instance."""
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if not isinstance(config, dict):
+        raise MiOptError(f"planner config must be a dict or {cls.__name__}, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise MiOptError(f"unknown {cls.__name__} option(s) {unknown}; valid: {', '.join(sorted(names))}")
+    return cls(**config)
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise MiOptError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def unit_scores(profile: ImportanceProfile, kind: str, metric: str) -> dict[str, float]:
+    """Scores of every unit of one kind, or an error saying how to profile them."""
+    keys = profile.units(kind)
+    if not keys:
+        raise MiOptError(f"the profile has no {kind} scores; profile with --units including {kind!r}")
+    return {k: profile.score(k, metric) for k in keys}

@@ -1,0 +1,149 @@
+"""Head pruning: delete the query heads whose removal hurts least.
+
+Each layer's choices are "keep g heads in each of k KV groups" (best heads, best groups by
+the profile's scores), so pruned layers never need duplicated K/V rows:
+- uniform: the same (g, k) in every layer, so the config's single head count still holds
+  and plain transformers loads the checkpoint;
+- free: each layer picks its own (g, k); a dynamic programme finds the per-layer choices
+  that remove the requested number of heads at the least summed importance.
+A KV group goes whole (with its K/V rows) when none of its query heads is kept. Summing
+single-head scores assumes head effects add up, the usual first-order approximation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mi_opt.errors import MiOptError
+from mi_opt.plan import CompressionPlan
+from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, unit_scores
+from mi_opt.profile.importance import ImportanceProfile
+from mi_opt.units import parse_unit
+
+MODES = ("uniform", "free")
+
+
+@dataclass
+class HeadPruneConfig:
+    fraction: float | None = None          # share of the query heads (of the layers considered) to remove, or
+    n_heads: int | None = None             # how many query heads to remove in total
+    mode: str = "uniform"                  # "uniform" (plain transformers loads it) or "free"
+    metric: str = "delta_loss"
+    protect_layers: list[int] = field(default_factory=list)  # free mode: layers never pruned
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.n_heads is None):
+            raise MiOptError("head-prune needs exactly one of fraction, n_heads")
+        if self.fraction is not None and not 0 <= self.fraction < 1:
+            raise MiOptError(f"fraction must be in [0, 1), got {self.fraction}")
+        if self.n_heads is not None and self.n_heads < 0:
+            raise MiOptError(f"n_heads must be >= 0, got {self.n_heads}")
+        if self.mode not in MODES:
+            raise MiOptError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "uniform" and self.protect_layers:
+            raise MiOptError("protect_layers needs mode 'free': uniform mode prunes every layer alike")
+        check_metric(self.metric)
+        self.protect_layers = sorted(int(i) for i in self.protect_layers)
+
+
+@dataclass(frozen=True)
+class _Option:
+    keep_per_group: int
+    keep_groups: int
+    pruned: tuple[int, ...]
+    removed_score: float
+
+
+def _layer_options(scores: list[float], n_kv: int) -> dict[tuple[int, int], _Option]:
+    """Best heads to remove for every (heads kept per group, groups kept) of one layer."""
+    group = len(scores) // n_kv
+    options = {}
+    for g in range(1, group + 1):
+        kept_by_group = []
+        for kv in range(n_kv):
+            heads = sorted(range(kv * group, (kv + 1) * group), key=lambda h: (-scores[h], h))[:g]
+            kept_by_group.append((sum(scores[h] for h in heads), kv, heads))
+        kept_by_group.sort(key=lambda t: (-t[0], t[1]))
+        for k in range(1, n_kv + 1):
+            keep = {h for _, _, heads in kept_by_group[:k] for h in heads}
+            pruned = tuple(h for h in range(len(scores)) if h not in keep)
+            options[(g, k)] = _Option(g, k, pruned, sum(scores[h] for h in pruned))
+    return options
+
+
+def _uniform(options: dict[int, dict], n_heads: int, n_remove: int) -> dict[int, tuple[int, ...]]:
+    layers = list(options)
+    if n_remove % len(layers):
+        raise MiOptError(f"uniform head pruning removes the same number of heads from each of the {len(layers)} "
+                         f"layers; {n_remove} heads is not a multiple of {len(layers)}")
+    target = n_heads - n_remove // len(layers)
+    shapes = [s for s in options[layers[0]] if s[0] * s[1] == target]
+    if not shapes:
+        possible = sorted({n_heads - g * k for g, k in options[layers[0]]})
+        raise MiOptError(f"uniform head pruning cannot leave {target} heads per layer with this grouped-query "
+                         f"layout; heads removable per layer: {possible}. Pick another fraction or mode 'free'.")
+    best = min(shapes, key=lambda s: (sum(options[i][s].removed_score for i in layers), s))
+    return {i: options[i][best].pruned for i in layers}
+
+
+def _free(options: dict[int, dict], n_heads_of: dict[int, int], n_remove: int) -> dict[int, tuple[int, ...]]:
+    # dp[r] = (least summed score, choices) over the layers seen so far, removing exactly r heads.
+    dp: dict[int, tuple[float, list]] = {0: (0.0, [])}
+    for i, opts in options.items():
+        menu = [(0, 0.0, ())] + [(n_heads_of[i] - g * k, o.removed_score, o.pruned)
+                                 for (g, k), o in opts.items() if g * k < n_heads_of[i]]
+        nxt: dict[int, tuple[float, list]] = {}
+        for r, (score, choice) in dp.items():
+            for removed, s, pruned in menu:
+                if r + removed > n_remove:
+                    continue
+                cand = (score + s, choice + [(i, pruned)])
+                if r + removed not in nxt or cand[0] < nxt[r + removed][0]:
+                    nxt[r + removed] = cand
+        dp = nxt
+    if n_remove not in dp:
+        raise MiOptError(f"free head pruning cannot remove exactly {n_remove} heads while keeping whole, "
+                         f"evenly filled KV groups; reachable counts near it: "
+                         f"{sorted(dp, key=lambda r: abs(r - n_remove))[:5]}")
+    return {i: pruned for i, pruned in dp[n_remove][1] if pruned}
+
+
+def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext,
+                 skip_layers: list[int] = ()) -> dict[int, list[int]]:
+    """Query heads to delete per layer (original numbering), leaving `skip_layers` out."""
+    by_layer: dict[int, dict[int, float]] = {}
+    for key, s in unit_scores(profile, "head", config.metric).items():
+        unit = parse_unit(key)
+        by_layer.setdefault(unit.layer, {})[unit.index] = s
+    layers = [i for i in range(ctx.cost.n_layers) if i not in skip_layers and i not in config.protect_layers]
+    missing = [i for i in layers if len(by_layer.get(i, {})) != ctx.cost.geometry[i].n_heads]
+    if missing:
+        raise MiOptError(f"the profile lacks head scores for layer(s) {missing}; profile every head first")
+    if not layers:
+        raise MiOptError("no layer is left to prune heads from (all dropped or protected)")
+    n_heads_of = {i: ctx.cost.geometry[i].n_heads for i in layers}
+    total = sum(n_heads_of.values())
+    n_remove = round(config.fraction * total) if config.fraction is not None else config.n_heads
+    if n_remove > total - len(layers):
+        raise MiOptError(f"cannot remove {n_remove} of {total} heads: every layer keeps at least one head")
+    if n_remove == 0:
+        return {}
+    options = {i: _layer_options([by_layer[i][h] for h in range(n_heads_of[i])], ctx.cost.geometry[i].n_kv_heads)
+               for i in layers}
+    if config.mode == "uniform":
+        if len(set(n_heads_of.values())) > 1:
+            raise MiOptError("uniform head pruning needs the same head count in every layer; use mode 'free'")
+        chosen = _uniform(options, next(iter(n_heads_of.values())), n_remove)
+    else:
+        chosen = _free(options, n_heads_of, n_remove)
+    return {i: sorted(p) for i, p in chosen.items() if p}
+
+
+def plan_head_prune(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext) -> CompressionPlan:
+    prune = choose_heads(profile, config, ctx)
+    budget = {"fraction": config.fraction} if config.fraction is not None else {"n_heads": config.n_heads}
+    return CompressionPlan(model={}, prune_heads=prune, head_mode=config.mode, budget=budget,
+                           predicted=ctx.cost.predicted([], prune))
+
+
+PLANNERS.register("head-prune")(Planner(HeadPruneConfig, plan_head_prune,
+                                        "delete the least important attention heads"))
