@@ -1,0 +1,79 @@
+"""The model card (README.md) written next to every exported checkpoint."""
+from __future__ import annotations
+
+import json
+
+from mi_opt.plan import CompressionPlan
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return "`" + json.dumps(v)[:200] + "`"
+    return str(v)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v and len(rows) < 60:
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None) -> str:
+    src = plan.model.get("spec") or "the source model"
+    lines = [f"# {src}, compressed with mi-opt", "",
+             f"Made from `{src}` (fingerprint `{plan.model.get('fingerprint')}`) by the mi-opt planner "
+             f"`{plan.planner.get('name', '?')}`. Weights were removed or quantized for real, not masked.", "",
+             "## What was changed", ""]
+    n0 = plan.model.get("n_layers")
+    if plan.drop_layers:
+        lines.append(f"- Removed {len(plan.drop_layers)} of {n0} decoder layers (original numbering): "
+                     f"{', '.join(map(str, plan.drop_layers))}.")
+    if plan.prune_heads:
+        n = sum(len(h) for h in plan.prune_heads.values())
+        lines.append(f"- Removed {n} attention heads in {len(plan.prune_heads)} layers ({plan.head_mode} mode); "
+                     f"per layer (original numbering): "
+                     + "; ".join(f"L{i}: {h}" for i, h in sorted(plan.prune_heads.items())) + ".")
+    quant = sidecar.get("quantization") or {}
+    if quant.get("modules"):
+        widths: dict[int, int] = {}
+        for b in quant["modules"].values():
+            widths[b] = widths.get(b, 0) + 1
+        lines.append("- Quantized with bitsandbytes: " + ", ".join(
+            f"{c} modules at {b} bit" for b, c in sorted(widths.items()))
+            + (f" (4-bit format {quant.get('quant_type')})" if 4 in widths else "") + "; the rest full precision.")
+    if plan.is_empty():
+        lines.append("- Nothing: the plan was empty.")
+    lines += ["", f"Layers: {sidecar['n_layers']}; query heads per layer: {[h for h, _ in sidecar['heads']]}; "
+              f"KV heads per layer: {[kv for _, kv in sidecar['heads']]}.",
+              f"Parameters: {sidecar['parameters']:,}"
+              + (f" (source: {plan.predicted['parameters_before']:,})." if "parameters_before" in plan.predicted
+                 else "."), ""]
+    lines += ["## Measured results", ""]
+    if eval_results:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in _flatten(eval_results)]
+    else:
+        lines.append("Not measured at export time; run `mi-opt eval` on this folder.")
+    lines += ["", "## How to load", ""]
+    if sidecar["loader"] == "transformers":
+        lines += ["Plain transformers loads it:", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+                  "```", "", "(`mi_opt.load_compressed(PATH)` works too.)"]
+    else:
+        lines += [f"Plain transformers cannot express this checkpoint ({sidecar['loader_reason']}); "
+                  "load it with mi-opt, which rebuilds the per-layer shapes from `mi-opt-compression.json` first:",
+                  "", "```python", "from mi_opt.export import load_compressed",
+                  "from transformers import AutoTokenizer",
+                  "model = load_compressed(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
+    lines += ["", "## Files", "",
+              "- `model.safetensors`, `config.json`, tokenizer files: the checkpoint.",
+              "- `plan.json`: the compression plan (budget, predicted size, planner settings).",
+              "- `mi-opt-compression.json`: per-layer shapes and quantization metadata the loader reads.",
+              "- `profile.json` (when present): the importance scores the plan came from.", ""]
+    return "\n".join(lines)
