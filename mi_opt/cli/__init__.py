@@ -11,6 +11,8 @@ from mi_opt.errors import MiOptError
 VERBS = {
     "models": "Bundled models and what is cached.",
     "profile": "Score every unit by causal ablation; writes profile.json and plots.",
+    "plan": "Turn a profile and a budget into plan.json (layers to drop, heads to prune, bits).",
+    "apply": "Apply plan.json to the model for real and export a verified checkpoint.",
 }
 
 

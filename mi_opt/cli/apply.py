@@ -1,0 +1,70 @@
+"""`mi-opt apply MODEL PLAN.json --out DIR`: compress for real and export a verified checkpoint."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mi_opt.errors import MiOptError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="bundled name, folder, .gguf or hub id (the model the plan was made for)")
+    p.add_argument("plan", help="plan.json written by `mi-opt plan`")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--profile", help="profile.json to ship alongside (default: the one the plan records, if present)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sample", metavar="PROMPT", help="print a greedy continuation of PROMPT from the exported model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mi_opt.export import export
+    from mi_opt.models import load_model
+    from mi_opt.plan import CompressionPlan
+    from mi_opt.profile.importance import ImportanceProfile
+    from mi_opt.surgery import apply_
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise MiOptError(f"{out} already exists; choose another --out or pass --force")
+    plan = CompressionPlan.load(args.plan)
+    profile_path = args.profile or plan.profile.get("path")
+    profile = ImportanceProfile.load(profile_path) if profile_path and Path(profile_path).is_file() else None
+    if args.profile and profile is None:
+        raise MiOptError(f"--profile {args.profile} does not exist")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    before = sum(p.numel() for p in model.parameters())
+    apply_(model, plan)
+    after = sum(p.numel() for p in model.parameters())
+    export(model, tokenizer, plan, out, profile=profile, force=args.force)
+    print(f"exported: {out}  (parameters {before:,} -> {after:,}, {after / before:.1%})")
+    print(f"load with: {'AutoModelForCausalLM.from_pretrained' if _plain(out) else 'mi_opt.export.load_compressed'}"
+          f"('{out}')")
+    if args.sample:
+        print(f"sample: {sample(model, tokenizer, args.sample)!r}")
+    return 0
+
+
+def _plain(out: Path) -> bool:
+    import json
+
+    from mi_opt.export import SIDECAR
+
+    return json.loads((out / SIDECAR).read_text())["loader"] == "transformers"
+
+
+def sample(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
+    """A greedy continuation, using the chat template when the tokenizer has one."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
