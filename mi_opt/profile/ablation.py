@@ -35,6 +35,10 @@ class AblationConfig:
     ablations_per_forward: int = 2         # fast engine: ablations stacked along the batch dimension
     logit_chunk_tokens: int = 2048         # fast engine: tokens per chunk of the vocabulary projection
     engine: str = "fast"
+    # fast engine: MiB allowed for the cached residual stream of one batch (None: no limit).
+    # Over budget, only every s-th layer's input is kept and ablations rerun from the nearest
+    # cached layer below: same scores, more compute, bounded memory for long contexts/big models.
+    cache_budget_mb: float | None = None
 
     def __post_init__(self):
         if self.ablation not in ABLATIONS:
@@ -43,6 +47,8 @@ class AblationConfig:
             raise MiOptError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if min(self.batch_size, self.ablations_per_forward, self.logit_chunk_tokens) < 1:
             raise MiOptError("batch_size, ablations_per_forward and logit_chunk_tokens must be >= 1")
+        if self.cache_budget_mb is not None and self.cache_budget_mb <= 0:
+            raise MiOptError(f"cache_budget_mb must be > 0 (or None for no limit), got {self.cache_budget_mb}")
         self.unit_kinds = tuple(self.unit_kinds)
 
 
@@ -101,8 +107,8 @@ def _naive(model, adapter, units, batches, config, means, bar) -> tuple[dict, fl
 class _LayerInputs:
     """The residual stream entering each layer and the extra args each layer was called with."""
 
-    def __init__(self, adapter: ArchAdapter):
-        self.adapter = adapter
+    def __init__(self, adapter: ArchAdapter, stride: int = 1):
+        self.adapter, self.stride = adapter, stride
         self.hidden: list[torch.Tensor | None] = [None] * adapter.n_layers()
         self.extra: list[tuple[tuple, dict] | None] = [None] * adapter.n_layers()
         self.final: torch.Tensor | None = None
@@ -111,11 +117,13 @@ class _LayerInputs:
         def capture(i):
             def fn(module, args, kwargs):
                 if args:
-                    self.hidden[i], self.extra[i] = args[0], (args[1:], kwargs)
+                    hidden, self.extra[i] = args[0], (args[1:], kwargs)
                 else:
                     rest = dict(kwargs)
-                    self.hidden[i] = rest.pop("hidden_states")
+                    hidden = rest.pop("hidden_states")
                     self.extra[i] = ((), rest)
+                if i % self.stride == 0:  # other layers are recomputed from the one below
+                    self.hidden[i] = hidden
             return fn
 
         def capture_final(module, args, output):
@@ -145,7 +153,7 @@ class _CleanReference:
     def __init__(self, adapter: ArchAdapter, final_hidden: torch.Tensor, ids: torch.Tensor, chunk: int):
         logits = adapter.logits(final_hidden[:, :-1]).float()
         logp = F.log_softmax(logits, dim=-1)
-        self.targets = ids[:, 1:].to(logp.device)
+        self.targets = ids[:, 1:].to(logp.device)  # logits live on the lm_head's device
         self.probs = logp.exp()
         self.neg_entropy = (self.probs * logp).sum(-1)               # sum_v p log p
         self.nll = -logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
@@ -158,7 +166,7 @@ class _CleanReference:
         nll_rows, kl_rows = [], []
         for start in range(0, final_hidden.shape[0], rows_per_chunk):
             h = final_hidden[start:start + rows_per_chunk, :-1]
-            src = torch.arange(start, start + h.shape[0], device=h.device) % batch
+            src = torch.arange(start, start + h.shape[0], device=self.targets.device) % batch
             logits = self.adapter.logits(h).float()
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(-1, self.targets[src].unsqueeze(-1)).squeeze(-1)
@@ -179,6 +187,17 @@ def _run_from(adapter: ArchAdapter, start: int, hidden: torch.Tensor, inputs: _L
     return hidden
 
 
+def _cache_stride(adapter: ArchAdapter, batch: torch.Tensor, budget_mb: float | None) -> int:
+    """Keep every s-th layer input so the residual cache of one batch fits `budget_mb`."""
+    if budget_mb is None:
+        return 1
+    param = next(adapter.layers()[0].parameters())
+    dtype = param.dtype if param.is_floating_point() else torch.float32
+    per_layer_mb = batch.numel() * adapter.config.hidden_size * dtype.itemsize / 2**20
+    cached_layers = max(1, int(budget_mb // per_layer_mb))
+    return -(-adapter.n_layers() // cached_layers)
+
+
 def _fast(model, adapter, units, batches, config, means, bar) -> tuple[dict, float, dict]:
     per_batch = {u.key: {"delta_loss": [], "kl": []} for u in units}
     by_layer: dict[int, list[Unit]] = {}
@@ -186,8 +205,9 @@ def _fast(model, adapter, units, batches, config, means, bar) -> tuple[dict, flo
         by_layer.setdefault(u.layer, []).append(u)
     n_layers, k_max = adapter.n_layers(), config.ablations_per_forward
     base_losses, layer_rows = [], 0
+    stride = _cache_stride(adapter, batches[0], config.cache_budget_mb)
     for ids in batches:
-        inputs = _LayerInputs(adapter)
+        inputs = _LayerInputs(adapter, stride)
         with attached(inputs.hooks()):
             adapter.decoder()(ids, use_cache=False)
         batch = ids.shape[0]
@@ -199,30 +219,43 @@ def _fast(model, adapter, units, batches, config, means, bar) -> tuple[dict, flo
                 group = layer_units[g:g + k_max]
                 hooks = [h for j, u in enumerate(group) for h in ablation_hooks(
                     adapter, u, config.ablation, means, rows=slice(j * batch, (j + 1) * batch))]
-                start_hidden = inputs.hidden[layer].repeat(len(group), *[1] * (inputs.hidden[layer].dim() - 1))
+                start = layer - layer % stride
+                cached = inputs.hidden[start]
+                start_hidden = cached.repeat(len(group), *[1] * (cached.dim() - 1))
                 with attached(hooks):
-                    final = _run_from(adapter, layer, start_hidden, inputs, batch, len(group))
+                    final = _run_from(adapter, start, start_hidden, inputs, batch, len(group))
                 nll, kl = clean.score(final)
-                layer_rows += (n_layers - layer) * batch * len(group)
+                layer_rows += (n_layers - start) * batch * len(group)
                 for j, u in enumerate(group):
                     rows = slice(j * batch, (j + 1) * batch)
                     per_batch[u.key]["delta_loss"].append((nll[rows].mean() - clean.nll.mean()).item())
                     per_batch[u.key]["kl"].append(kl[rows].mean().item())
                 bar.update(len(group))
         del inputs, clean
-    cost = {"full_forward_equivalents": layer_rows / (n_layers * batches[0].shape[0])}
+    cost = {"full_forward_equivalents": layer_rows / (n_layers * batches[0].shape[0]), "cache_stride": stride}
     return per_batch, sum(base_losses) / len(base_losses), cost
 
 
 # --- entry point ------------------------------------------------------------------
 def profile_ablation(model, windows: torch.Tensor, config: AblationConfig | None = None,
                      calibration: dict | None = None, model_spec: str | None = None,
-                     progress: bool = True) -> ImportanceProfile:
-    """Score every unit of `model` by causal ablation on `windows` (n_samples x seq_len)."""
+                     progress: bool = True, units: list[str] | None = None) -> ImportanceProfile:
+    """Score every unit of `model` by causal ablation on `windows` (n_samples x seq_len).
+
+    units: score only these keys (a subset of config.unit_kinds' units), e.g. one shard of a
+    distributed run; every batch is still used, so each unit's score is complete.
+    """
     config = config or AblationConfig()
     adapter = get_adapter(model)
-    units = enumerate_units(adapter, config.unit_kinds)
-    device = next(model.parameters()).device
+    all_units = enumerate_units(adapter, config.unit_kinds)
+    if units is not None:
+        known = {u.key: u for u in all_units}
+        unknown = [k for k in units if k not in known]
+        if unknown:
+            raise MiOptError(f"units {unknown[:5]} are not among this model's {config.unit_kinds} units")
+        all_units = [known[k] for k in units]
+    units = all_units
+    device = input_device(model, adapter)
     batches = [windows[i:i + config.batch_size].to(device) for i in range(0, len(windows), config.batch_size)]
     started = time.perf_counter()
     with torch.inference_mode():
@@ -243,6 +276,17 @@ def profile_ablation(model, windows: torch.Tensor, config: AblationConfig | None
         calibration={**(calibration or {}), "n_samples": len(windows), "seq_len": windows.shape[1],
                      "n_batches": len(batches)},
         base_loss=base_loss, scores=_summarize(per_batch), cost=cost)
+
+
+def input_device(model, adapter: ArchAdapter) -> torch.device:
+    """Where token ids go: the embedding's execution device under accelerate dispatch
+    (its weights may sit on "meta" while offloaded), else the embedding weight's device."""
+    embedding = adapter.embedding()
+    hook = getattr(embedding, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return embedding.weight.device
 
 
 def model_summary(model, adapter: ArchAdapter, spec: str | None) -> dict:

@@ -53,8 +53,9 @@ def mean_collection_hooks(adapter: ArchAdapter, sums: dict, counts: dict) -> lis
 
     hooks = []
     for i, layer in enumerate(adapter.layers()):
+        # .to(): under accelerate dispatch a layer's input may still sit on the previous layer's device.
         hooks.append(Hook(layer, lambda m, a, k, out, i=i: accumulate(
-            ("layer", i), _main(out) - _first(a, k, "hidden_states")), with_kwargs=True))
+            ("layer", i), _main(out) - _first(a, k, "hidden_states").to(_main(out).device)), with_kwargs=True))
         hooks.append(Hook(adapter.attention(layer), lambda m, a, out, i=i: accumulate(("attn", i), _main(out))))
         hooks.append(Hook(adapter.mlp(layer), lambda m, a, out, i=i: accumulate(("mlp", i), _main(out))))
         hooks.append(Hook(adapter.head_output_proj(layer), lambda m, a, i=i: accumulate(("heads", i), a[0]),
@@ -73,7 +74,7 @@ def ablation_hooks(adapter: ArchAdapter, unit: Unit, ablation: str, means: MeanA
 
         def skip_block(module, args, kwargs, output):
             main = _main(output).clone()
-            main[rows] = _first(args, kwargs, "hidden_states")[rows]
+            main[rows] = _first(args, kwargs, "hidden_states")[rows].to(main.device)  # dispatch: may differ
             if delta is not None:
                 main[rows] += delta.to(main)
             return _with_main(output, main)
