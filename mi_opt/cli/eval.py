@@ -1,0 +1,103 @@
+"""`mi-opt eval MODEL`: perplexity, benchmark tasks and speed of one model; writes eval.json."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mi_opt.errors import MiOptError
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Evaluation settings, shared with `mi-opt compare` (which evaluates models it is given)."""
+    from mi_opt.evaluate.config import DEFAULT_TASKS, PARTS
+
+    g = p.add_argument_group("evaluation settings")
+    g.add_argument("--parts", default=",".join(PARTS), help=f"comma list from {','.join(PARTS)}")
+    g.add_argument("--data", default="handbook", help="perplexity text: handbook, kjv, a+b, file.txt/.jsonl")
+    g.add_argument("--ppl-samples", type=int, default=16, help="evaluation windows for perplexity")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per perplexity window")
+    g.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward")
+    g.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help="comma list: mi-opt task names, task .yaml paths, or lm-eval task names (need a network)")
+    g.add_argument("--limit", type=int, default=30, help="items per task (0 = all)")
+    g.add_argument("--task-batch-size", type=int, default=8)
+    g.add_argument("--speed-batch", type=int, default=1, help="sequences per speed run")
+    g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill timing")
+    g.add_argument("--new-tokens", type=int, default=32, help="greedy tokens for decode timing")
+    g.add_argument("--warmup", type=int, default=1, help="untimed speed runs")
+    g.add_argument("--reps", type=int, default=5, help="timed speed runs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded; default: torch's)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from mi_opt.evaluate import EvalConfig, SpeedConfig
+
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    return EvalConfig(parts=split(args.parts), text_source=args.data, ppl_samples=args.ppl_samples,
+                      ppl_seq_len=args.seq_len, ppl_batch_size=args.batch_size, seed=args.seed,
+                      tasks=split(args.tasks), task_limit=args.limit or None, task_batch_size=args.task_batch_size,
+                      speed=SpeedConfig(batch_size=args.speed_batch, prompt_len=args.prompt_len,
+                                        new_tokens=args.new_tokens, warmup=args.warmup, repetitions=args.reps,
+                                        seed=args.seed),
+                      threads=args.threads, device=None if args.device == "auto" else args.device)
+
+
+def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
+    """Load a model by spec (bundled name, folder, exported checkpoint, .gguf) and evaluate it."""
+    from mi_opt.evaluate import evaluate
+    from mi_opt.models import load_model, resolve_model_path
+
+    config = config or config_from_args(args)
+    try:
+        model, tokenizer = load_model(spec, dtype=args.dtype, device=args.device)
+        folder, gguf = resolve_model_path(spec)
+    except MiOptError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise MiOptError(f"could not load model {spec!r}: {type(err).__name__}: {err}") from err
+    on_disk = Path(folder) / gguf if gguf else folder
+    result = evaluate(model, tokenizer, config, spec=spec,
+                      folder=Path(folder) if not gguf and Path(str(folder)).is_dir() else None)
+    result.model["dtype_loaded"] = args.dtype
+    if gguf:  # bytes on disk of a GGUF are the file itself
+        result.speed and result.speed.update(size_bytes=Path(on_disk).stat().st_size, size_kind="disk (gguf)")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="bundled name, model folder, exported checkpoint, .gguf file or hub id")
+    p.add_argument("--out", default="eval.json", help="where to write the result")
+    add_eval_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / "eval.json"
+    config = config_from_args(args)  # bad settings fail before a model is loaded
+    result = evaluate_spec(args.model, args, config)
+    path = result.save(out)
+    print(summary(result))
+    print(f"eval: {path}")
+    return 0
+
+
+def summary(result) -> str:
+    lines = []
+    if result.perplexity:
+        p = result.perplexity
+        lines.append(f"perplexity {p['perplexity']:.3f}  bits/byte {p['bits_per_byte']:.4f}  "
+                     f"({p['n_tokens']} tokens of {p['source']!r}, evaluation split)")
+    for name, t in result.tasks.items():
+        lines.append(f"{name}: {t['primary']} {t['metrics'][t['primary']]:.3f} (n={t['n']}, {t['num_fewshot']}-shot)")
+    if result.speed:
+        s = result.speed
+        lines.append(f"prefill {s['prefill_ms']['median']:.1f} ms  ttft {s['ttft_ms']['median']:.1f} ms  "
+                     f"decode {s['decode_tokens_per_s']['median']:.1f} tok/s  peak memory "
+                     f"{s['peak_memory_bytes'] / 1e6:.0f} MB  params {s['parameters'] / 1e6:.1f} M  "
+                     f"size {s['size_bytes'] / 1e6:.1f} MB ({s['size_kind']})  threads {s['threads']}")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Side-by-side comparison of evaluations: every metric, its change against the first (baseline)
+column, speedups and memory ratios; as a terminal table, Markdown, JSON and a Pareto plot."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mi_opt.artifacts import atomic_write_bytes, now, versions, write_json
+from mi_opt.errors import MiOptError
+from mi_opt.evaluate.result import EvalResult
+
+SCHEMA = "mi-opt/compare"
+VERSION = 1
+# Settings that must match for a comparison to be fair; differences are reported, not refused.
+FAIR_SETTINGS = ("text_source", "ppl_samples", "ppl_seq_len", "seed", "tasks", "task_limit", "speed", "threads")
+
+
+@dataclass
+class Metric:
+    """One row: values per column; `kind` says how a column is related to the baseline."""
+
+    name: str
+    values: list[float | None]
+    higher_is_better: bool | None     # None: neither (sizes are reported as ratios only)
+    kind: str = "delta"               # delta | speedup (base/value) | rate (value/base) | ratio (value/base)
+    fmt: str = "{:.4g}"
+
+    def relation(self, i: int) -> float | None:
+        base, value = self.values[0], self.values[i]
+        if base is None or value is None:
+            return None
+        if self.kind == "delta":
+            return value - base
+        if self.kind == "speedup":
+            return base / value if value else None
+        return value / base if base else None
+
+
+def _task_rows(results: list[EvalResult]) -> list[Metric]:
+    names = []
+    for r in results:
+        names += [n for n in r.tasks if n not in names]
+    rows = []
+    for name in names:
+        ref = next(r.tasks[name] for r in results if name in r.tasks)
+        metric = ref["primary"]
+        rows.append(Metric(f"{name} {metric}", [r.tasks.get(name, {}).get("metrics", {}).get(metric) for r in results],
+                           ref["higher_is_better"].get(metric, True)))
+    if rows:
+        rows.append(Metric("task mean", [r.task_mean() for r in results], True))
+    return rows
+
+
+def _speed(r: EvalResult, key: str, stat: str = "median") -> float | None:
+    value = (r.speed or {}).get(key)
+    return value.get(stat) if isinstance(value, dict) else value
+
+
+def metrics_table(results: list[EvalResult]) -> list[Metric]:
+    rows = [Metric("perplexity", [(r.perplexity or {}).get("perplexity") for r in results], False),
+            Metric("bits per byte", [(r.perplexity or {}).get("bits_per_byte") for r in results], False)]
+    rows += _task_rows(results)
+    rows += [Metric("prefill ms", [_speed(r, "prefill_ms") for r in results], False, "speedup", "{:.1f}"),
+             Metric("time to first token ms", [_speed(r, "ttft_ms") for r in results], False, "speedup", "{:.1f}"),
+             Metric("decode tokens/s", [_speed(r, "decode_tokens_per_s") for r in results], True, "rate", "{:.1f}"),
+             Metric("peak memory MB", [_mb(_speed(r, "peak_memory_bytes")) for r in results], False, "ratio", "{:.1f}"),
+             Metric("parameters M", [_mb(_speed(r, "parameters")) for r in results], None, "ratio", "{:.2f}"),
+             Metric("size MB", [_mb(_speed(r, "size_bytes")) for r in results], None, "ratio", "{:.1f}")]
+    return [m for m in rows if any(v is not None for v in m.values)]
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def _relation_text(m: Metric, i: int) -> str:
+    rel = m.relation(i)
+    if rel is None:
+        return ""
+    if m.kind == "delta":
+        return f"({rel:+.4g})"
+    return f"(x{rel:.2f})"
+
+
+def unfair_settings(results: list[EvalResult]) -> list[str]:
+    """Settings that differ from the baseline's: those rows compare unlike measurements."""
+    base = results[0].settings
+    return [k for k in FAIR_SETTINGS if any(r.settings.get(k) != base.get(k) for r in results[1:])]
+
+
+@dataclass
+class Comparison:
+    labels: list[str]
+    results: list[EvalResult]
+
+    def __post_init__(self):
+        if len(self.labels) != len(self.results) or not self.results:
+            raise MiOptError("compare needs one label per result and at least one result")
+        self.rows = metrics_table(self.results)
+
+    def _cells(self) -> list[list[str]]:
+        table = []
+        for m in self.rows:
+            cells = [m.name]
+            for i, v in enumerate(m.values):
+                text = "n/a" if v is None else m.fmt.format(v)
+                if i > 0 and v is not None:
+                    text += " " + _relation_text(m, i)
+                cells.append(text)
+            table.append(cells)
+        return table
+
+    def notes(self) -> list[str]:
+        notes = ["first column is the baseline; (+x) = change, (xN) = speedup for latencies, "
+                 "ratio for throughput, memory and size"]
+        differ = unfair_settings(self.results)
+        if differ:
+            notes.append(f"settings differ from the baseline's: {', '.join(differ)}; those rows are not comparable")
+        kinds = {(r.speed or {}).get("size_kind") for r in self.results} - {None}
+        if len(kinds) > 1:
+            notes.append("size mixes bytes on disk and bytes in memory")
+        return notes
+
+    def to_text(self) -> str:
+        header = ["metric"] + self.labels
+        table = [header] + self._cells()
+        widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+                 for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines + [""] + [f"note: {n}" for n in self.notes()])
+
+    def to_markdown(self) -> str:
+        header = ["metric"] + self.labels
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(self.labels)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self._cells()]
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes()]) + "\n"
+
+    def to_dict(self) -> dict:
+        rows = [{"metric": m.name, "higher_is_better": m.higher_is_better, "relation": m.kind,
+                 "values": dict(zip(self.labels, m.values)),
+                 "vs_baseline": {label: m.relation(i) for i, label in enumerate(self.labels) if i > 0}}
+                for m in self.rows]
+        return {"schema": SCHEMA, "version": VERSION, "labels": self.labels, "baseline": self.labels[0],
+                "rows": rows, "notes": self.notes(),
+                "models": {label: r.model for label, r in zip(self.labels, self.results)},
+                "versions": versions(), "created": now()}
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        paths = {"markdown": atomic_write_bytes(out_dir / "compare.md", self.to_markdown().encode()),
+                 "json": write_json(out_dir / "compare.json", self.to_dict())}
+        paths["plot"] = pareto_plot(self.labels, self.results, out_dir / "pareto.png")
+        return paths
+
+
+def pareto_plot(labels: list[str], results: list[EvalResult], path: str | Path) -> Path:
+    """Accuracy (task mean, else -perplexity) against decode latency and against size."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    use_tasks = all(r.task_mean() is not None for r in results)
+    acc = [r.task_mean() if use_tasks else (r.perplexity or {}).get("perplexity") for r in results]
+    y_label = "task mean (higher is better)" if use_tasks else "perplexity (lower is better)"
+    axes_spec = [("decode ms per token (lower is better)", [_speed(r, "decode_ms_per_token") for r in results]),
+                 ("size MB (lower is better)", [_mb(_speed(r, "size_bytes")) for r in results])]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (x_label, xs) in zip(axes, axes_spec):
+        points = [(x, y, label) for x, y, label in zip(xs, acc, labels) if x is not None and y is not None]
+        for i, (x, y, label) in enumerate(points):
+            ax.scatter([x], [y], s=60, marker="*" if label == labels[0] else "o", zorder=3)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        front = _front([(x, y) for x, y, _ in points], higher_is_better=use_tasks)
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="grey", linewidth=1, zorder=2, label="Pareto front")
+            ax.legend(loc="best", fontsize=8)
+        if not points:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("accuracy vs cost (baseline: star)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """Points no other point beats on both cost (lower) and accuracy, sorted by cost."""
+    sign = 1 if higher_is_better else -1
+    best, front = None, []
+    for x, y in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if best is None or sign * y > best:
+            front.append((x, y))
+            best = sign * y
+    return front

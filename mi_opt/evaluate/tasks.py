@@ -1,0 +1,167 @@
+"""Benchmark tasks through lm-eval-harness, on the in-memory model.
+
+The model is wrapped as `HFLM(pretrained=model, tokenizer=tokenizer)`, so a compressed model
+is evaluated without being saved first. Tasks are either mi-opt's own (YAML + JSONL under
+mi_opt/tasks/, offline), a path to a task YAML written the same way, or any standard
+lm-eval task name (those download their dataset, so they need a network).
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from mi_opt.errors import MiOptError
+
+TASK_DIR = Path(__file__).resolve().parents[1] / "tasks"
+OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
+REQUIRED = ("task", "dataset_path", "output_type", "doc_to_text", "doc_to_target")
+N_EXAMPLES = 3  # model outputs kept per task in eval.json, so a score can be sanity-checked
+
+
+def read_task_file(path: str | Path) -> dict:
+    """A task YAML as an lm-eval config dict, checked, with its data files made absolute.
+
+    Relative `dataset_kwargs.data_files` are read relative to the YAML's folder, so a task
+    folder works from any working directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MiOptError(f"task file {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise MiOptError(f"task file {path} is not valid YAML: {err}") from err
+    if not isinstance(config, dict):
+        raise MiOptError(f"task file {path} must be a YAML mapping of lm-eval task fields")
+    missing = [k for k in REQUIRED if not config.get(k) and config.get(k) != 0]
+    if config.get("output_type") == "multiple_choice" and "doc_to_choice" not in config:
+        missing.append("doc_to_choice")
+    if not (config.get("test_split") or config.get("validation_split")):
+        missing.append("test_split (or validation_split)")
+    if missing:
+        raise MiOptError(f"task file {path} lacks required field(s): {', '.join(missing)}; "
+                         f"see mi_opt/tasks/*.yaml for complete examples")
+    if config["output_type"] not in OUTPUT_TYPES:
+        raise MiOptError(f"task file {path}: output_type {config['output_type']!r} is not one of "
+                         f"{', '.join(OUTPUT_TYPES)}")
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        resolved = {}
+        for split, name in files.items():
+            file = Path(name) if Path(name).is_absolute() else path.parent / name
+            if not file.is_file():
+                raise MiOptError(f"task file {path}: data file {name!r} for split {split!r} does not exist")
+            resolved[split] = str(file.resolve())
+        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
+    return config
+
+
+def local_tasks() -> dict[str, Path]:
+    """mi-opt's shipped task names -> their YAML files."""
+    out = {}
+    for file in sorted(TASK_DIR.glob("*.yaml")):
+        name = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("task")
+        if name:
+            out[name] = file
+    return out
+
+
+def resolve_tasks(names: list[str] | tuple[str, ...]) -> tuple[list, object]:
+    """(task specs for lm-eval, TaskManager) for local names, YAML paths or lm-eval names.
+
+    lm-eval's full index (about 15k names) takes seconds to build, so it is built only when
+    a name is neither a local task nor a file.
+    """
+    from lm_eval.tasks import TaskManager
+
+    local = local_tasks()
+    specs, hub = [], []
+    for name in names:
+        if name in local:
+            specs.append(read_task_file(local[name]))
+        elif name.endswith((".yaml", ".yml")):
+            specs.append(read_task_file(name))
+        else:
+            hub.append(name)
+            specs.append(name)
+    if not hub:
+        return specs, TaskManager(include_defaults=False, include_path=[])
+    manager = TaskManager()
+    unknown = [n for n in hub if n not in manager.all_tasks]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(local) + manager.all_tasks, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise MiOptError(f"unknown task(s) {', '.join(map(repr, unknown))}. Offline tasks shipped with mi-opt: "
+                         f"{', '.join(local)}; a path to a task .yaml also works, and so does any lm-eval "
+                         f"task name (list them with `lm-eval ls tasks`; they download data).{hint}")
+    return specs, manager
+
+
+def _clean(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+        return None if math.isnan(value) else value
+    return None
+
+
+def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int | None = None,
+              batch_size: int = 8, device: str | torch.device | None = None, seed: int = 0) -> dict:
+    """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, ...}}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    specs, manager = resolve_tasks(names)
+    if tokenizer.pad_token is None:  # batched generation pads on the left with this token
+        tokenizer.pad_token = tokenizer.eos_token
+    # lm-eval warns at length that `pretrained` is an object, which is exactly the intent here.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=str(device) if device is not None else None)
+    try:
+        out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
+                              bootstrap_iters=0, log_samples=True, gen_kwargs={"do_sample": False},
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
+    except (FileNotFoundError, ConnectionError) as err:
+        raise MiOptError(f"lm-eval could not load a task's data ({err}); standard lm-eval tasks need a "
+                         f"network, mi-opt's own tasks ({', '.join(local_tasks())}) do not") from err
+    return _collect(out)
+
+
+def _response(sample: dict) -> str:
+    resps = sample.get("filtered_resps") or []
+    if resps and isinstance(resps[0], (tuple, list)):  # multiple choice: (loglikelihood, greedy) per choice
+        return f"choice {max(range(len(resps)), key=lambda i: resps[i][0])}"
+    return str(resps[0] if len(resps) == 1 else resps)[:200]
+
+
+def _collect(out: dict) -> dict:
+    results = {}
+    for task, row in out["results"].items():
+        metrics = {}
+        for key, value in row.items():
+            metric, _, _filter = key.partition(",")
+            if _filter and not metric.endswith("_stderr") and _clean(value) is not None:
+                metrics[metric] = _clean(value)
+        if not metrics:
+            continue
+        config = out.get("configs", {}).get(task, {})
+        listed = [m["metric"] for m in config.get("metric_list") or [] if m.get("metric") in metrics]
+        primary = listed[0] if listed else next(iter(metrics))
+        hib = out.get("higher_is_better", {}).get(task, {})
+        examples = []
+        for sample in (out.get("samples") or {}).get(task, [])[:N_EXAMPLES]:
+            prompt = sample["arguments"][0][0] if sample.get("arguments") else ""
+            examples.append({"prompt_end": str(prompt)[-120:], "target": str(sample.get("target")),
+                             "response": _response(sample), primary: sample.get(primary)})
+        results[task] = {"metrics": metrics, "primary": primary,
+                         "higher_is_better": {m: bool(hib.get(m, True)) for m in metrics},
+                         "n": int(out.get("n-samples", {}).get(task, {}).get("effective", row.get("sample_len", 0)) or 0),
+                         "num_fewshot": out.get("n-shot", {}).get(task), "output_type": config.get("output_type"),
+                         "examples": examples}
+    return results

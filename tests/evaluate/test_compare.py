@@ -1,0 +1,66 @@
+import json
+
+import pytest
+from PIL import Image
+
+from mi_opt.evaluate.compare import Comparison, _front, metrics_table
+from mi_opt.evaluate.result import EvalResult
+
+
+def _result(ppl=10.0, acc=0.5, ms=20.0, tok_s=50.0, size=100e6, **settings):
+    speed = {"prefill_ms": {"median": ms}, "ttft_ms": {"median": ms}, "decode_tokens_per_s": {"median": tok_s},
+             "decode_ms_per_token": {"median": 1e3 / tok_s}, "peak_memory_bytes": 2 * size,
+             "parameters": size / 4, "size_bytes": size, "size_kind": "memory"}
+    tasks = {"t_mc": {"metrics": {"acc": acc}, "primary": "acc", "higher_is_better": {"acc": True}, "n": 10},
+             "t_gen": {"metrics": {"exact_match": acc / 2}, "primary": "exact_match",
+                       "higher_is_better": {"exact_match": True}, "n": 10}}
+    return EvalResult(model={"spec": "m"}, settings={"seed": 0, **settings},
+                      perplexity={"perplexity": ppl, "bits_per_byte": ppl / 10}, tasks=tasks, speed=speed)
+
+
+def test_identical_results_compare_equal():
+    comp = Comparison(["a", "b"], [_result(), _result()])
+    for row in comp.rows:
+        assert row.values[0] == row.values[1]
+        assert row.relation(1) == (0 if row.kind == "delta" else 1)
+
+
+def test_deltas_speedups_and_ratios():
+    rows = {m.name: m for m in metrics_table([_result(), _result(ppl=12, acc=0.4, ms=10, tok_s=100, size=50e6)])}
+    assert rows["perplexity"].relation(1) == pytest.approx(2)
+    assert rows["t_mc acc"].relation(1) == pytest.approx(-0.1)
+    assert rows["task mean"].values == [pytest.approx(0.375), pytest.approx(0.3)]
+    assert rows["prefill ms"].relation(1) == pytest.approx(2)          # twice as fast
+    assert rows["decode tokens/s"].relation(1) == pytest.approx(2)
+    assert rows["size MB"].relation(1) == pytest.approx(0.5)
+    assert rows["peak memory MB"].relation(1) == pytest.approx(0.5)
+
+
+def test_outputs_written(tmp_path):
+    comp = Comparison(["base", "small", "tiny"], [_result(), _result(ppl=12, acc=0.45, ms=10, size=50e6),
+                                                  _result(ppl=30, acc=0.2, ms=15, size=70e6, seed=1)])
+    paths = comp.write(tmp_path / "cmp")
+    md = paths["markdown"].read_text()
+    assert "| metric | base | small | tiny |" in md and "(x2.00)" in md
+    data = json.loads(paths["json"].read_text())
+    assert data["schema"] == "mi-opt/compare" and data["baseline"] == "base"
+    assert any("seed" in n for n in data["notes"])       # unlike settings are flagged
+    row = next(r for r in data["rows"] if r["metric"] == "perplexity")
+    assert row["vs_baseline"]["small"] == pytest.approx(2)
+    with Image.open(paths["plot"]) as img:
+        assert img.size[0] > 600 and img.size[1] > 300
+    text = comp.to_text()
+    assert text.splitlines()[0].split() == ["metric", "base", "small", "tiny"]
+
+
+def test_missing_parts_show_as_na(tmp_path):
+    partial = EvalResult(model={}, settings={}, perplexity={"perplexity": 9.0, "bits_per_byte": 1.0})
+    comp = Comparison(["full", "ppl-only"], [_result(), partial])
+    assert "n/a" in comp.to_text()
+    comp.write(tmp_path)  # the plot still renders with the points it has
+
+
+def test_pareto_front():
+    pts = [(1, 0.5), (2, 0.6), (3, 0.55), (0.5, 0.1)]
+    assert _front(pts, higher_is_better=True) == [(0.5, 0.1), (1, 0.5), (2, 0.6)]
+    assert _front([(1, 10.0), (2, 8.0), (3, 9.0)], higher_is_better=False) == [(1, 10.0), (2, 8.0)]

@@ -1,0 +1,84 @@
+import json
+import shutil
+
+import pytest
+import yaml
+
+from mi_opt.errors import MiOptError
+from mi_opt.evaluate.config import DEFAULT_TASKS
+from mi_opt.evaluate.tasks import TASK_DIR, local_tasks, read_task_file, resolve_tasks, run_tasks
+
+
+def test_shipped_tasks_are_complete_and_answers_are_correct():
+    tasks = local_tasks()
+    assert set(DEFAULT_TASKS) <= set(tasks)
+    kinds = {read_task_file(tasks[n])["output_type"] for n in DEFAULT_TASKS}
+    assert kinds == {"multiple_choice", "generate_until"}
+    for name, path in tasks.items():
+        config = read_task_file(path)
+        rows = [json.loads(line) for line in open(config["dataset_kwargs"]["data_files"]["test"])]
+        assert 40 <= len(rows) <= 100, name
+    for row in map(json.loads, open(TASK_DIR / "arithmetic.jsonl")):
+        assert int(row["answer"]) == row["a"] + row["b"]
+    for row in map(json.loads, open(TASK_DIR / "facts_mc.jsonl")):
+        assert len(row["choices"]) == 4 == len(set(row["choices"])) and 0 <= row["answer"] < 4
+    few = {json.dumps(r) for r in map(json.loads, open(TASK_DIR / "capitals_fewshot.jsonl"))}
+    assert not few & {json.dumps(r) for r in map(json.loads, open(TASK_DIR / "capitals.jsonl"))}
+
+
+def test_local_task_runs_offline_on_a_tiny_model(smol_tiny, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = smol_tiny
+    out = run_tasks(model, tok, ["miopt_facts_mc", "miopt_capitals"], limit=3, batch_size=4)
+    mc, gen = out["miopt_facts_mc"], out["miopt_capitals"]
+    assert mc["primary"] == "acc" and 0.0 <= mc["metrics"]["acc"] <= 1.0 and mc["n"] == 3
+    assert gen["primary"] == "exact_match" and gen["num_fewshot"] == 3 and gen["n"] == 3
+    assert gen["output_type"] == "generate_until" and len(gen["examples"]) == 3
+    assert "Question: What is the capital of" in gen["examples"][0]["prompt_end"]
+    # greedy decoding is deterministic: the same model gives the same generations
+    again = run_tasks(model, tok, ["miopt_capitals"], limit=3, batch_size=2)["miopt_capitals"]
+    assert [e["response"] for e in again["examples"]] == [e["response"] for e in gen["examples"]]
+
+
+def test_task_yaml_path_with_relative_data(tmp_path, smol_tiny):
+    shutil.copy(TASK_DIR / "facts_mc.jsonl", tmp_path / "data.jsonl")
+    config = yaml.safe_load((TASK_DIR / "facts_mc.yaml").read_text())
+    config["task"] = "my_facts"
+    config["dataset_kwargs"]["data_files"] = {"test": "data.jsonl"}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+    model, tok = smol_tiny
+    out = run_tasks(model, tok, [str(tmp_path / "my.yaml")], limit=2)
+    assert out["my_facts"]["n"] == 2
+
+
+def test_unknown_task_lists_the_shipped_ones():
+    with pytest.raises(MiOptError) as err:
+        resolve_tasks(["miopt_capitalz"])
+    assert "miopt_capitals" in str(err.value) and "Did you mean" in str(err.value)
+
+
+@pytest.mark.parametrize("drop, expect", [("doc_to_text", "doc_to_text"), ("doc_to_choice", "doc_to_choice"),
+                                          ("test_split", "test_split"), ("task", "task")])
+def test_task_file_missing_fields(tmp_path, drop, expect):
+    config = yaml.safe_load((TASK_DIR / "facts_mc.yaml").read_text())
+    del config[drop]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(MiOptError, match=f"lacks required field.*{expect}"):
+        read_task_file(path)
+
+
+def test_task_file_other_mistakes(tmp_path):
+    with pytest.raises(MiOptError, match="does not exist"):
+        read_task_file(tmp_path / "none.yaml")
+    config = yaml.safe_load((TASK_DIR / "facts_mc.yaml").read_text())
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(config))  # data file not copied next to it
+    with pytest.raises(MiOptError, match="data file"):
+        read_task_file(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({**config, "output_type": "essay"}))
+    with pytest.raises(MiOptError, match="output_type"):
+        read_task_file(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(MiOptError, match="mapping"):
+        read_task_file(tmp_path / "c.yaml")
