@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
-from mi_opt.profile.ablation import _summarize, collect_means, model_summary
+from mi_opt.profile.ablation import _summarize, collect_means, input_device, model_summary
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, MeanActivations
 from mi_opt.units import KINDS, Unit, enumerate_units
@@ -126,7 +126,7 @@ def _differences(acts: dict, keys: list, ablation: str, means: MeanActivations |
     for kind, i in keys:
         clean = acts[(kind, i)].detach()
         if kind == "layer":
-            ablated = acts[("layer_in", i)].detach()
+            ablated = acts[("layer_in", i)].detach().to(clean.device)  # dispatch: devices may differ
             if ablation == "mean":
                 ablated = ablated + means.get("layer", i).to(ablated)
         elif ablation == "mean":
@@ -172,9 +172,9 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
     adapter = get_adapter(model)
     units = enumerate_units(adapter, config.unit_kinds)
     kinds = {u.kind for u in units}
-    device = next(model.parameters()).device
+    device = input_device(model, adapter)
     batches = [windows[i:i + config.batch_size].to(device) for i in range(0, len(windows), config.batch_size)]
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = None  # made on the logits' device, which differs from the input's under dispatch
     started = time.perf_counter()
     with torch.inference_mode():
         means = collect_means(model, adapter, batches) if config.ablation == "mean" else None
@@ -194,11 +194,13 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
             diffs = _differences(captured.acts, keys, config.ablation, means)
             loss_dots = _unit_dots(adapter, units, _grads(loss, captured.acts, keys, retain=True), diffs)
             kl_sums = dict.fromkeys(loss_dots, 0.0)
+            if generator is None:
+                generator = torch.Generator(device=logp.device).manual_seed(config.seed)
             for s in range(config.kl_samples):
                 with torch.no_grad():
                     probs = logp.detach().exp().reshape(-1, logp.shape[-1])
                     draws = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)
-                    signs = torch.randint(0, 2, targets.shape, generator=generator, device=device) * 2.0 - 1.0
+                    signs = torch.randint(0, 2, targets.shape, generator=generator, device=logp.device) * 2.0 - 1.0
                 probe = (signs * logp.gather(-1, draws.unsqueeze(-1)).squeeze(-1)).sum()
                 dots = _unit_dots(adapter, units, _grads(probe, captured.acts, keys,
                                                          retain=s < config.kl_samples - 1), diffs)

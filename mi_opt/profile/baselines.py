@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
-from mi_opt.profile.ablation import _mean_and_se, model_summary
+from mi_opt.profile.ablation import _mean_and_se, input_device, model_summary
 from mi_opt.profile.importance import ImportanceProfile, UnitScore
 from mi_opt.units import KINDS, Unit, enumerate_units
 
@@ -111,7 +111,7 @@ def _boundaries(adapter: ArchAdapter, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _batches(model, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
+    device = input_device(model, get_adapter(model))
     return [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
 
 
