@@ -36,34 +36,64 @@ def config_from_args(args: argparse.Namespace):
     from mi_opt.evaluate import EvalConfig, SpeedConfig
 
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
-    return EvalConfig(parts=split(args.parts), text_source=args.data, ppl_samples=args.ppl_samples,
+    config = EvalConfig(parts=split(args.parts), text_source=args.data, ppl_samples=args.ppl_samples,
                       ppl_seq_len=args.seq_len, ppl_batch_size=args.batch_size, seed=args.seed,
                       tasks=split(args.tasks), task_limit=args.limit or None, task_batch_size=args.task_batch_size,
                       speed=SpeedConfig(batch_size=args.speed_batch, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, warmup=args.warmup, repetitions=args.reps,
                                         seed=args.seed),
                       threads=args.threads, device=None if args.device == "auto" else args.device)
+    if "tasks" in config.parts:  # a misspelled task fails before any model is loaded
+        from mi_opt.evaluate.tasks import resolve_tasks
+
+        resolve_tasks(config.tasks)
+    return config
 
 
-def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
-    """Load a model by spec (bundled name, folder, exported checkpoint, .gguf) and evaluate it."""
-    from mi_opt.evaluate import evaluate
+def load_any(spec: str, dtype: str = "fp32", device: str = "cpu"):
+    """(model, tokenizer, folder or None) for a bundled name, folder, mi-opt export, .gguf or hub id.
+
+    mi-opt exports (a folder with the compression sidecar) go through load_compressed, which
+    rebuilds per-layer head counts and quantized modules plain transformers cannot express.
+    """
     from mi_opt.models import load_model, resolve_model_path
 
-    config = config or config_from_args(args)
     try:
-        model, tokenizer = load_model(spec, dtype=args.dtype, device=args.device)
+        path = Path(spec).expanduser()
+        from mi_opt.export import SIDECAR
+
+        if path.is_dir() and (path / SIDECAR).is_file():
+            from transformers import AutoTokenizer
+
+            from mi_opt.export import load_compressed
+
+            model = load_compressed(path, device=device)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return model, tokenizer, path
+        model, tokenizer = load_model(spec, dtype=dtype, device=device)
         folder, gguf = resolve_model_path(spec)
     except MiOptError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - transformers and hub raise many types; all mean "cannot load"
         raise MiOptError(f"could not load model {spec!r}: {type(err).__name__}: {err}") from err
-    on_disk = Path(folder) / gguf if gguf else folder
-    result = evaluate(model, tokenizer, config, spec=spec,
-                      folder=Path(folder) if not gguf and Path(str(folder)).is_dir() else None)
+    if gguf:
+        return model, tokenizer, Path(folder) / gguf
+    return model, tokenizer, Path(folder) if Path(str(folder)).is_dir() else None
+
+
+def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
+    """Load a model by spec and evaluate it with the settings in args (or `config`)."""
+    from mi_opt.evaluate import evaluate
+
+    config = config or config_from_args(args)
+    model, tokenizer, on_disk = load_any(spec, args.dtype, args.device)
+    folder = on_disk if on_disk is not None and on_disk.is_dir() else None
+    result = evaluate(model, tokenizer, config, spec=spec, folder=folder)
     result.model["dtype_loaded"] = args.dtype
-    if gguf:  # bytes on disk of a GGUF are the file itself
-        result.speed and result.speed.update(size_bytes=Path(on_disk).stat().st_size, size_kind="disk (gguf)")
+    if on_disk is not None and on_disk.is_file() and result.speed:  # a GGUF: its bytes on disk are the file
+        result.speed.update(size_bytes=on_disk.stat().st_size, size_kind="disk (gguf)")
     return result
 
 

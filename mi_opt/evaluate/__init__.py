@@ -17,7 +17,7 @@ from mi_opt.evaluate.config import DEFAULT_TASKS, PARTS, EvalConfig, SpeedConfig
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.evaluate.result import EvalResult
 from mi_opt.evaluate.speed import measure_speed
-from mi_opt.evaluate.tasks import local_tasks, run_tasks
+from mi_opt.evaluate.tasks import local_tasks, resolve_tasks, run_tasks
 
 __all__ = ["evaluate", "EvalConfig", "SpeedConfig", "EvalResult", "DEFAULT_TASKS", "PARTS", "local_tasks"]
 
@@ -53,6 +53,8 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec
     config = config or EvalConfig()
     model.eval()
     device = config.device
+    # A misspelled task should fail now, not after minutes of perplexity.
+    resolved = resolve_tasks(config.tasks) if "tasks" in config.parts else None
     with _threads(config.threads) as threads:
         settings = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as eval.json holds them
         settings["threads"] = threads
@@ -65,7 +67,7 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec
         if "tasks" in config.parts:
             started = time.perf_counter()
             result.tasks = run_tasks(model, tokenizer, config.tasks, config.task_limit, config.task_batch_size,
-                                     device, config.seed)
+                                     device, config.seed, resolved)
             result.wall_time_s["tasks"] = round(time.perf_counter() - started, 2)
         if "speed" in config.parts:
             started = time.perf_counter()

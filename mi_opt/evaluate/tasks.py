@@ -110,12 +110,16 @@ def _clean(value):
 
 
 def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int | None = None,
-              batch_size: int = 8, device: str | torch.device | None = None, seed: int = 0) -> dict:
-    """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, ...}}."""
+              batch_size: int = 8, device: str | torch.device | None = None, seed: int = 0,
+              resolved: tuple | None = None) -> dict:
+    """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, ...}}.
+
+    resolved: resolve_tasks(names) done earlier (evaluate() checks names before any work).
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    specs, manager = resolve_tasks(names)
+    specs, manager = resolved or resolve_tasks(names)
     if tokenizer.pad_token is None:  # batched generation pads on the left with this token
         tokenizer.pad_token = tokenizer.eos_token
     # lm-eval warns at length that `pretrained` is an object, which is exactly the intent here.
