@@ -1,7 +1,7 @@
 """Cost model of an ablation profile: forward passes, tokens, FLOPs and GPU-hours before running.
 
 Mirrors what the engines in ablation.py do, so the forward-pass count is exact (it is checked
-against `profile.cost["full_forward_equivalents"]` in tests and in benchmarks/profile_cost.py);
+against `profile.cost["full_forward_equivalents"]` in tests and in benchmarks/profile_cost_model.py);
 FLOPs and hours are estimates from the usual 2 x parameters per token rule plus attention.
 
   naive: every unit costs one full forward per batch, plus one clean forward.
