@@ -58,7 +58,9 @@ def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
     if n0 is not None and n != n0 - len(plan.drop_layers):
         raise MiOptError(f"the model has {n} layers but the plan leaves {n0 - len(plan.drop_layers)}: "
                          "export the model returned by apply_(model, plan)")
-    if any(b < 16 for b in plan.bits.values()) and not _quantized_modules(model):
+    kept_bits = [b for k, b in plan.bits.items()
+                 if not (k.startswith("L") and k[1:].split(".")[0].isdigit() and int(k[1:].split(".")[0]) in plan.drop_layers)]
+    if any(b < 16 for b in kept_bits) and not _quantized_modules(model):
         raise MiOptError("the plan quantizes modules but the model has no quantized modules: run apply_ first")
 
 

@@ -45,18 +45,18 @@ def parse_options(items: list[str], into: dict) -> dict:
 
 
 def _windows(profile, tokenizer):
-    """The profile's calibration windows, rebuilt from what it recorded (for iterative planners)."""
+    """The profile's calibration windows, rebuilt from what it recorded, for planners that measure
+    (iterative layer-skip, bits sensitivity); None when the profile does not say."""
     from mi_opt.data import token_windows
 
     cal = profile.calibration
-    if not cal.get("source"):
-        raise MiOptError("the profile does not record its calibration source; cannot re-profile iteratively")
-    return token_windows(tokenizer, cal["source"], cal["n_samples"], cal["seq_len"],
-                         split=cal.get("split", "calibration"), seed=cal.get("seed", 0))
-
-
-def _needs_windows(config: dict) -> bool:
-    return bool(config.get("iterative") or (config.get("layer_skip") or {}).get("iterative"))
+    if not cal.get("source") or not cal.get("n_samples") or not cal.get("seq_len"):
+        return None
+    try:
+        return token_windows(tokenizer, cal["source"], cal["n_samples"], cal["seq_len"],
+                             split=cal.get("split", "calibration"), seed=cal.get("seed", 0))
+    except MiOptError:
+        return None  # e.g. a text file that moved; planners that need windows say so themselves
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not spec:
         raise MiOptError("the profile records no model spec; pass --model")
     model, tokenizer = load_model(spec)
-    windows = _windows(profile, tokenizer) if _needs_windows(config) else None
+    windows = _windows(profile, tokenizer)
     plan = make_plan(profile, args.planner, config, model, windows=windows)
     plan.model["spec"] = spec
     plan.profile["path"] = str(Path(args.profile).resolve())
