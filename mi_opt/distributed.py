@@ -83,6 +83,19 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
+def rank_max_memory(gpus_per_rank: int, gpu_memory: str, cpu_memory: str | None = None) -> dict:
+    """accelerate `max_memory` giving this rank GPUs [local_rank * g, (local_rank + 1) * g) only,
+    so several ranks on one node can each spread a too-big model over their own GPUs
+    (pass it to load_model(spec, device="auto", max_memory=...))."""
+    if gpus_per_rank < 1:
+        raise MiOptError(f"gpus_per_rank must be >= 1, got {gpus_per_rank}")
+    first = rank_info().local_rank * gpus_per_rank
+    memory: dict = {gpu: gpu_memory for gpu in range(first, first + gpus_per_rank)}
+    if cpu_memory is not None:
+        memory["cpu"] = cpu_memory
+    return memory
+
+
 # --- shards -----------------------------------------------------------------------
 def assign_units(unit_keys: list[str], n_shards: int) -> list[list[str]]:
     """Round-robin over layer-sorted units: each shard gets units from every depth, so the

@@ -13,7 +13,7 @@ import torch
 from tiny import tiny_model, tiny_windows
 
 from mi_opt.distributed import (assign_units, is_distributed, load_shard, merge_shards, profile_distributed,
-                                rank_info)
+                                rank_info, rank_max_memory)
 from mi_opt.errors import MiOptError
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
 from mi_opt.profile.importance import ImportanceProfile
@@ -126,6 +126,15 @@ def test_rank_info_and_is_distributed(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(MiOptError, match="outside WORLD_SIZE"):
         rank_info()
+
+
+def test_rank_max_memory_gives_each_rank_its_own_gpus(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_max_memory(2, "70GiB", "200GiB") == {2: "70GiB", 3: "70GiB", "cpu": "200GiB"}
+    with pytest.raises(MiOptError, match="gpus_per_rank"):
+        rank_max_memory(0, "70GiB")
 
 
 def test_assign_units_is_deterministic_complete_and_balanced():
