@@ -196,9 +196,9 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
             kl_sums = dict.fromkeys(loss_dots, 0.0)
             if generator is None:
                 generator = torch.Generator(device=logp.device).manual_seed(config.seed)
+            probs = logp.detach().exp().reshape(-1, logp.shape[-1])
             for s in range(config.kl_samples):
                 with torch.no_grad():
-                    probs = logp.detach().exp().reshape(-1, logp.shape[-1])
                     draws = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)
                     signs = torch.randint(0, 2, targets.shape, generator=generator, device=logp.device) * 2.0 - 1.0
                 probe = (signs * logp.gather(-1, draws.unsqueeze(-1)).squeeze(-1)).sum()
@@ -209,7 +209,7 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
             for key, dot in loss_dots.items():
                 per_batch[key]["delta_loss"].append(dot)
                 per_batch[key]["kl"].append(kl_sums[key] / config.kl_samples)
-        del captured, logp, nll, loss, diffs
+        del captured, logp, nll, loss, diffs, probs
     cost = {"wall_time_s": round(time.perf_counter() - started, 3), "n_units": len(units),
             "forwards": len(batches) * (2 if means is not None else 1),
             "backwards": len(batches) * (1 + config.kl_samples)}
