@@ -1,7 +1,8 @@
 """Calibration and evaluation text, tokenized into deterministic fixed windows.
 
 Sources: bundled corpora (see mi_opt/corpora/SOURCES.md), the full Debian installs, a local
-.txt or .jsonl file, or `hf:NAME[:CONFIG]:SPLIT` for users with a network. Several sources
+.txt or .jsonl file, `synthetic:arithmetic` (task-style text generated here), or
+`hf:NAME[:CONFIG]:SPLIT` for users with a network. Several sources
 can be mixed with "+", e.g. "handbook+kjv".
 
 Every window of a corpus has a fixed role: window i is an evaluation window when
@@ -74,6 +75,19 @@ def _hf_dataset(spec: str) -> str:
     return "\n\n".join(row["text"] for row in ds if row["text"].strip())
 
 
+def _synthetic(kind: str, n_lines: int = 6000, seed: int = 1234) -> str:
+    """Task-style text generated here, for task-aware calibration without touching test items.
+
+    "arithmetic": lines "a + b = c" (a, b below 60), grouped in blocks like few-shot prompts.
+    """
+    if kind != "arithmetic":
+        raise MiOptError(f"unknown synthetic corpus {kind!r}; available: synthetic:arithmetic")
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randint(0, 60, (n_lines, 2), generator=g).tolist()
+    lines = [f"{a} + {b} = {a + b}" for a, b in pairs]
+    return "\n\n".join("\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4))
+
+
 def load_text(source: str) -> str:
     """The raw text of one source, or of several joined with '+'."""
     if "+" in source and not Path(source).exists():
@@ -86,6 +100,8 @@ def load_text(source: str) -> str:
         return _debian_kjv()
     if source.startswith("hf:"):
         return _hf_dataset(source)
+    if source.startswith("synthetic:"):
+        return _synthetic(source.split(":", 1)[1])
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path)

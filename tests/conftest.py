@@ -1,6 +1,12 @@
 """Shared fixtures. Tiny models come from tests/tiny.py; the real model is loaded once per session."""
 from __future__ import annotations
 
+import os
+
+# Tests never reach a model hub: everything they load is built here or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 

@@ -15,6 +15,9 @@ VERBS = {
     "apply": "Apply plan.json to the model for real and export a verified checkpoint.",
     "eval": "Perplexity, benchmark tasks and speed of one model; writes eval.json.",
     "compare": "Table and Pareto plot of eval.json files and/or models against the first.",
+    "run": "Run recipes end to end: profile, plan, evaluate, apply, evaluate, export, report.",
+    "compare-recipes": "Run several recipes on the same model and data; one table and Pareto plot.",
+    "validate": "Check recipe files without loading a model.",
 }
 
 

@@ -148,32 +148,58 @@ def _repeat_rows(obj, batch: int, times: int):
 
 
 class _CleanReference:
-    """Per-token clean probabilities of one batch, kept only while that batch is scored."""
+    """What scoring one batch needs from the clean run, without its full-vocabulary tensors.
+
+    KL(p||q) = sum p log p - sum p z + lse(z) for ablated logits z. With z = W n (a linear
+    lm_head), sum_v p_v z_v = (p W) . n, so the clean distribution is folded once into one
+    hidden-sized vector per token (`p_w`), and scoring an ablation needs only the logits'
+    logsumexp and target entry. Softcapped heads (Gemma 2) keep the full probabilities.
+    """
 
     def __init__(self, adapter: ArchAdapter, final_hidden: torch.Tensor, ids: torch.Tensor, chunk: int):
         logits = adapter.logits(final_hidden[:, :-1]).float()
         logp = F.log_softmax(logits, dim=-1)
+        del logits
         self.targets = ids[:, 1:].to(logp.device)  # logits live on the lm_head's device
-        self.probs = logp.exp()
-        self.neg_entropy = (self.probs * logp).sum(-1)               # sum_v p log p
+        probs = logp.exp()
+        self.neg_entropy = (probs * logp).sum(-1)               # sum_v p log p
         self.nll = -logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        del logp
         self.adapter, self.chunk = adapter, chunk
+        head = adapter.lm_head()
+        self.linear = isinstance(head, torch.nn.Linear) and not getattr(adapter.config, "final_logit_softcapping", None)
+        if self.linear:
+            self.p_w = probs @ head.weight.float()
+            self.p_b = probs @ head.bias.float() if head.bias is not None else 0.0
+            self.probs = None
+        else:
+            self.probs = probs
+
+    def _chunk_stats(self, h: torch.Tensor, src: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.linear:
+            normed = self.adapter.final_norm()(h)
+            logits = self.adapter.lm_head()(normed).float()
+            p_dot_z = (normed.float() * self.p_w[src].to(normed.device)).sum(-1)
+            p_dot_z = p_dot_z.to(logits.device) + (self.p_b[src] if torch.is_tensor(self.p_b) else 0.0)
+        else:
+            logits = self.adapter.logits(h).float()
+            p_dot_z = (self.probs[src] * logits).sum(-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        nll = lse - logits.gather(-1, self.targets[src].unsqueeze(-1)).squeeze(-1)
+        kl = self.neg_entropy[src] - p_dot_z + lse
+        return nll.mean(-1), kl.mean(-1)
 
     def score(self, final_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean NLL and mean KL(clean || ablated) per row of `final_hidden` (k*B rows)."""
         batch, tokens = self.targets.shape
-        rows_per_chunk = max(1, self.chunk // tokens)
+        step = max(1, self.chunk // tokens)
         nll_rows, kl_rows = [], []
-        for start in range(0, final_hidden.shape[0], rows_per_chunk):
-            h = final_hidden[start:start + rows_per_chunk, :-1]
-            src = torch.arange(start, start + h.shape[0], device=self.targets.device) % batch
-            logits = self.adapter.logits(h).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(-1, self.targets[src].unsqueeze(-1)).squeeze(-1)
-            # KL(p||q) = sum p log p - sum p log q, and log q = z - lse(z).
-            kl = self.neg_entropy[src] - (self.probs[src] * logits).sum(-1) + lse
-            nll_rows.append((lse - target_logit).mean(-1))
-            kl_rows.append(kl.mean(-1))
+        for block in range(0, final_hidden.shape[0], batch):  # one block of rows per ablation
+            for r0 in range(0, batch, step):
+                r1 = min(r0 + step, batch)
+                nll, kl = self._chunk_stats(final_hidden[block + r0:block + r1, :-1], slice(r0, r1))
+                nll_rows.append(nll)
+                kl_rows.append(kl)
         return torch.cat(nll_rows), torch.cat(kl_rows)
 
 

@@ -1,0 +1,120 @@
+"""report.md and report.html for one run: what was removed, what it cost, what it gained."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from mi_opt.artifacts import atomic_write_bytes  # noqa: E402
+from mi_opt.plan import CompressionPlan  # noqa: E402
+from mi_opt.units import parse_unit  # noqa: E402
+
+BIT_COLORS = {16: "#4c956c", 8: "#f2c14e", 4: "#f78154"}
+
+
+def layer_bits(plan: CompressionPlan, n_layers: int) -> list[int]:
+    """The narrowest width applied to any module of each layer (16 = untouched)."""
+    bits = [16] * n_layers
+    for key, width in plan.bits.items():
+        if key.startswith("L"):
+            layer = parse_unit(key.split(".")[0]).layer
+            bits[layer] = min(bits[layer], width)
+    return bits
+
+
+def decision_chart(plan: CompressionPlan, n_heads: list[int], path: Path) -> Path:
+    """Per layer: kept or dropped, the fraction of heads kept, and the bit width."""
+    n_layers = len(n_heads)
+    bits = layer_bits(plan, n_layers)
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * n_layers), 3.2))
+    for i in range(n_layers):
+        if i in plan.drop_layers:
+            ax.bar(i, 1, color="white", edgecolor="#b23a48", hatch="xx", linewidth=0.8)
+            continue
+        kept = 1 - len(plan.prune_heads.get(i, [])) / n_heads[i]
+        ax.bar(i, kept, color=BIT_COLORS[bits[i]], edgecolor="black", linewidth=0.4)
+    legend = [Patch(facecolor="white", edgecolor="#b23a48", hatch="xx", label="layer dropped")]
+    legend += [Patch(color=c, label=f"{b}-bit") for b, c in BIT_COLORS.items() if b in bits or b == 16]
+    ax.legend(handles=legend, loc="lower right", fontsize=8, ncol=4)
+    ax.set_ylim(0, 1.15)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of heads kept")
+    ax.set_title("Decisions per layer")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plan_summary(plan: CompressionPlan, n_layers: int) -> list[str]:
+    lines = []
+    if plan.drop_layers:
+        lines.append(f"Dropped {len(plan.drop_layers)} of {n_layers} layers: {', '.join(map(str, plan.drop_layers))}.")
+    if plan.prune_heads:
+        total = sum(len(v) for v in plan.prune_heads.values())
+        lines.append(f"Pruned {total} attention heads in {len(plan.prune_heads)} layers ({plan.head_mode} mode): "
+                     + "; ".join(f"L{k}: {v}" for k, v in sorted(plan.prune_heads.items())) + ".")
+    quantized = {k: b for k, b in plan.bits.items() if b < 16}
+    if quantized:
+        by_width = {}
+        for key, b in quantized.items():
+            by_width.setdefault(b, []).append(key)
+        lines += [f"{b}-bit ({plan.quant_type if b == 4 else 'int8'}): {', '.join(sorted(keys, key=_key_order))}."
+                  for b, keys in sorted(by_width.items())]
+    predicted = plan.predicted
+    if predicted.get("parameters") and predicted.get("parameters_before"):
+        lines.append(f"Predicted parameters: {predicted['parameters_before']:,} -> {predicted['parameters']:,}.")
+    return lines or ["The plan removes nothing."]
+
+
+def _key_order(key: str):
+    head = key.split(".")[0]
+    return (parse_unit(head).layer, key) if head.startswith("L") else (-1, key)
+
+
+def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval) -> Path:
+    from mi_opt.evaluate.compare import Comparison
+
+    n_heads = profile.model["heads"]
+    comparison = Comparison(["original", recipe.name], [base_eval, comp_eval])
+    comparison.write(root)  # compare.md, compare.json, pareto.png
+    decision_chart(plan, n_heads, root / "decisions.png")
+    figures = [(name, f) for name, f in [("Importance of each head", "heads.png"),
+                                         ("Importance of each layer and sublayer", "layers.png")]
+               if (root / f).exists()]
+    md = [f"# mi-opt report: {recipe.name}", "", recipe.description.strip() or "", "",
+          "## What was removed", "", *[f"- {line}" for line in plan_summary(plan, len(n_heads))], "",
+          "![decisions](decisions.png)", "",
+          "## What it cost and what it gained", "", comparison.to_markdown(), "![pareto](pareto.png)", "",
+          "## Why: importance profile", "",
+          f"Scorer `{profile.method.get('scorer')}`"
+          + (f", {profile.method.get('ablation')} ablation" if profile.method.get("ablation") else "")
+          + f", calibration {profile.calibration.get('source')} ({profile.calibration.get('n_samples')} x "
+          f"{profile.calibration.get('seq_len')} tokens), base loss {profile.base_loss:.3f}; "
+          f"profiling took {profile.cost.get('wall_time_s', 0):.0f} s.", ""]
+    for title, f in figures:
+        md += [f"### {title}", "", f"![{title}]({f})", ""]
+    md += ["## Recipe", "", "```yaml", recipe.to_yaml().strip(), "```", "",
+           "Files: profile.json, plan.json, eval_original.json, eval_compressed.json, compare.json"
+           + (", checkpoint/ (load instructions in checkpoint/README.md)" if (root / "checkpoint").exists() else ""),
+           ""]
+    text = "\n".join(md)
+    atomic_write_bytes(root / "report.md", text.encode())
+    atomic_write_bytes(root / "report.html", _html(recipe.name, text).encode())
+    return root / "report.md"
+
+
+def _html(title: str, md_text: str) -> str:
+    import markdown
+
+    body = markdown.markdown(md_text, extensions=["tables", "fenced_code"])
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "img{max-width:100%}pre{background:#f5f5f5;padding:1em;overflow:auto}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>mi-opt: {title}</title>" \
+           f"<style>{style}</style></head><body>{body}</body></html>\n"

@@ -1,0 +1,175 @@
+"""`run(recipe, out_dir)`: profile, plan, evaluate the original, apply, evaluate, export, report.
+
+Each stage writes its output atomically into the run folder and records a content hash of its
+inputs in stages.json. A rerun skips a stage only when its recorded hash matches (same model
+weights, data and settings); anything changed is recomputed, never silently reused. An
+interruption leaves every finished stage usable and no half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mi_opt.artifacts import model_fingerprint, now, read_json, write_json
+from mi_opt.errors import MiOptError
+from mi_opt.recipe import Recipe
+
+MANIFEST = "stages.json"
+MANIFEST_SCHEMA = "mi-opt/run-stages"
+
+
+def content_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunFolder:
+    """A run's folder and its manifest: stage -> {hash, outputs, finished}."""
+
+    root: Path
+    stages: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "RunFolder":
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise MiOptError(f"run folder {root} exists and is not a folder")
+        path = root / MANIFEST
+        stages = read_json(path, MANIFEST_SCHEMA, 1)["stages"] if path.exists() else {}
+        return cls(root, stages)
+
+    def done(self, stage: str, key: str) -> bool:
+        entry = self.stages.get(stage)
+        return bool(entry) and entry["hash"] == key and all((self.root / o).exists() for o in entry["outputs"])
+
+    def mark(self, stage: str, key: str, outputs: list[str]) -> None:
+        self.stages[stage] = {"hash": key, "outputs": outputs, "finished": now()}
+        write_json(self.root / MANIFEST, {"schema": MANIFEST_SCHEMA, "version": 1, "stages": self.stages})
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    report: Path
+    stages_run: list[str]
+    stages_reused: list[str]
+
+
+def _log(message: str) -> None:
+    print(f"[mi-opt] {message}", flush=True)
+
+
+def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None = None,
+        progress: bool = True) -> RunResult:
+    """Run a recipe end to end into out_dir, resuming finished stages. Returns where the report is."""
+    from mi_opt.arch import get_adapter
+    from mi_opt.data import token_windows
+    from mi_opt.evaluate import EvalResult, evaluate
+    from mi_opt.models import load_model
+    from mi_opt.plan import CompressionPlan
+    from mi_opt.policy import make_plan
+    from mi_opt.profile.importance import ImportanceProfile
+    from mi_opt.profile.scorers import SCORERS
+
+    folder = RunFolder.open(out_dir)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    (folder.root / "recipe.yaml").write_text(recipe.to_yaml())
+    ran, reused = [], []
+    spec = recipe.model.name
+    model, tokenizer = load_model(spec, dtype=recipe.model.dtype, device=recipe.model.device)
+    fingerprint = model_fingerprint(model)
+    sections = recipe.section_dict("model", "data", "profile", "policy", "evaluate")
+
+    def windows():
+        return token_windows(tokenizer, recipe.data.calibration, recipe.data.n_samples, recipe.data.seq_len,
+                             split="calibration", seed=recipe.data.seed,
+                             max_positions=get_adapter(model).max_positions())
+
+    # 1. profile
+    profile_key = content_hash(fingerprint, sections["model"], sections["data"], sections["profile"])
+    if folder.done("profile", profile_key):
+        profile = ImportanceProfile.load(folder.root / "profile.json")
+        reused.append("profile")
+    else:
+        _log(f"profiling with scorer {recipe.profile.scorer!r}")
+        scorer = SCORERS.get(recipe.profile.scorer)
+        calibration = {"source": recipe.data.calibration, "split": "calibration", "seed": recipe.data.seed}
+        profile = scorer(model, windows(), scorer.make_config(recipe.profile.options), calibration=calibration,
+                         model_spec=spec, progress=progress)
+        _write_profile(profile, folder.root)
+        folder.mark("profile", profile_key, ["profile.json"])
+        ran.append("profile")
+
+    # 2. plan
+    plan_key = content_hash(profile_key, sections["policy"])
+    if folder.done("plan", plan_key):
+        plan = CompressionPlan.load(folder.root / "plan.json")
+        reused.append("plan")
+    else:
+        _log(f"planning with planner {recipe.policy.planner!r}")
+        plan = make_plan(profile, recipe.policy.planner, recipe.policy.options, model=model, windows=windows(),
+                         progress=progress)
+        plan.save(folder.root / "plan.json")
+        folder.mark("plan", plan_key, ["plan.json"])
+        ran.append("plan")
+
+    # 3. evaluate the original (shared between runs of the same model and settings)
+    base_key = content_hash(fingerprint, sections["model"], sections["evaluate"])
+    base_path = Path(baseline_cache or folder.root.parent / "_baseline") / f"{base_key}.json"
+    if base_path.exists():
+        base_eval = EvalResult.load(base_path)
+        reused.append("eval_original")
+    else:
+        _log("evaluating the original model")
+        base_eval = evaluate(model, tokenizer, recipe.evaluate, spec=spec, progress=progress)
+        base_eval.save(base_path)
+        ran.append("eval_original")
+    write_json(folder.root / "eval_original.json", base_eval.to_dict())
+
+    # 4. apply and evaluate the compressed model; 5. export it
+    compressed_key = content_hash(plan_key, sections["evaluate"])
+    export_key = content_hash(plan_key, recipe.export.enabled)
+    need_model = not folder.done("eval_compressed", compressed_key) or (
+        recipe.export.enabled and not folder.done("export", export_key))
+    if need_model:
+        from mi_opt.surgery import apply_
+
+        _log("applying the plan")
+        apply_(model, plan)
+    if folder.done("eval_compressed", compressed_key):
+        comp_eval = EvalResult.load(folder.root / "eval_compressed.json")
+        reused.append("eval_compressed")
+    else:
+        _log("evaluating the compressed model")
+        comp_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}]", progress=progress)
+        comp_eval.save(folder.root / "eval_compressed.json")
+        folder.mark("eval_compressed", compressed_key, ["eval_compressed.json"])
+        ran.append("eval_compressed")
+    if recipe.export.enabled:
+        if folder.done("export", export_key):
+            reused.append("export")
+        else:
+            from mi_opt.export import export
+
+            _log("exporting the checkpoint (verified by reload)")
+            export(model, tokenizer, plan, folder.root / "checkpoint", profile=profile, force=True,
+                   eval_results={"original": base_eval.to_dict(), "compressed": comp_eval.to_dict()})
+            folder.mark("export", export_key, ["checkpoint"])
+            ran.append("export")
+
+    # 6. report (cheap: always rebuilt from the stage outputs)
+    from mi_opt.report import write_report
+
+    report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval)
+    _log(f"report: {report}")
+    return RunResult(folder.root, report, ran, reused)
+
+
+def _write_profile(profile, root: Path) -> None:
+    from mi_opt.profile.plots import head_heatmap, layer_bars
+
+    profile.save(root / "profile.json")
+    head_heatmap(profile, root / "heads.png")
+    layer_bars(profile, root / "layers.png")

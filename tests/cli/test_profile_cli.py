@@ -1,0 +1,44 @@
+import json
+
+import pytest
+from tiny import save_tiny
+
+from mi_opt.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def test_profile_writes_json_and_plots(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["profile", tiny_folder, "--data", "kjv", "--n-samples", "4", "--seq-len", "16",
+                 "--batch-size", "2", "--ablation", "mean", "--out", str(out)])
+    assert code == 0
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["schema"] == "mi-opt/importance-profile" and profile["version"] == 1
+    assert profile["calibration"]["source"] == "kjv" and profile["method"]["ablation"] == "mean"
+    assert len(profile["scores"]) == 4 * 9
+    assert (out / "heads.png").exists() and (out / "layers.png").exists()
+    assert "least important layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["no-such-model"], "unknown model name"),
+    (["{tiny}", "--seq-len", "4096"], "exceeds the model's context"),
+    (["{tiny}", "--n-samples", "100000"], "calibration windows"),
+    (["{tiny}", "--units", "layer,neuron"], "unknown unit kind"),
+])
+def test_bad_inputs_fail_cleanly_and_write_nothing(tiny_folder, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = main(["profile", *[a.replace("{tiny}", tiny_folder) for a in args], "--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mi-opt profile: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_models_verb_lists_bundled(capsys):
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
