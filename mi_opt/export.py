@@ -210,6 +210,7 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
         from mi_opt.surgery.quantize import load_quantized_
 
         load_quantized_(model, folder, sidecar["quantization"])
+        model.tie_weights()  # a tied lm_head is not saved: share the loaded embedding again
     else:
         _load_weights_(model, folder)
     return model.eval()

@@ -113,3 +113,23 @@ def test_profile_is_exported_alongside(tmp_path):
     assert ImportanceProfile.load(out / "profile.json").scores.keys() == profile.scores.keys()
     # Layer-dropped GPT-2 keeps its head geometry, so plain transformers loads it.
     assert json.loads((out / SIDECAR).read_text())["loader"] == "transformers"
+
+
+@pytest.mark.parametrize("bits", [{}, {"L0": 8, "L2": 4, "L3": 4}])
+def test_tied_embeddings_survive_load_compressed(bits, tmp_path):
+    """SmolLM2 ties lm_head to the embedding; the loader must re-tie after loading (it is not saved)."""
+    from tiny import _config
+    from transformers import AutoModelForCausalLM
+
+    config = _config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    plan = _plan(model, drop_layers=[1], prune_heads={0: [1], 2: [0, 3]}, head_mode="free", bits=bits)
+    apply_(model, plan)
+    out = export(model, None, plan, tmp_path / "tied")
+    reloaded = load_compressed(out)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids = tiny_windows(2, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

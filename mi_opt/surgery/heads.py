@@ -176,9 +176,13 @@ def prune_heads_(model: nn.Module, prune: dict[int, list[int]], mode: str = "fre
         if adapter.family != "gpt2":
             # hidden_size / num_heads no longer gives head_dim, so keep it explicit in the config.
             cfg.head_dim = next(iter(layouts.values())).head_dim
-        if mode == "uniform" and adapter.family != "gpt2":
-            lay = next(iter(layouts.values()))
-            cfg.num_attention_heads, cfg.num_key_value_heads = lay.n_heads, lay.n_kv_heads
+        ignore = set(ignore_layers)
+        shapes = {(adapter.heads(i).n_heads, adapter.heads(i).n_kv_heads)
+                  for i in range(adapter.n_layers()) if i not in ignore}
+        if len(shapes) == 1 and adapter.family != "gpt2":
+            # Every layer has the same shape (always so in uniform mode): the config's single head
+            # count can say it, so plain transformers can load the result.
+            cfg.num_attention_heads, cfg.num_key_value_heads = shapes.pop()
     return layouts
 
 
