@@ -147,6 +147,24 @@ def _repeat_rows(obj, batch: int, times: int):
     return obj
 
 
+def _resident_params(module: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A linear module's weight and bias with real values: under accelerate offload the
+    module holds "meta" placeholders and the values sit in its hook's weights_map.
+    (None, None) when they cannot be found (then the caller keeps full probabilities)."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if weight is None:
+        return None, None
+    if weight.device.type != "meta":
+        return weight, bias
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is None:
+        return None, None
+    try:
+        return weights_map["weight"], (weights_map["bias"] if bias is not None else None)
+    except KeyError:
+        return None, None
+
+
 class _CleanReference:
     """What scoring one batch needs from the clean run, without its full-vocabulary tensors.
 
@@ -167,10 +185,12 @@ class _CleanReference:
         del logp
         self.adapter, self.chunk = adapter, chunk
         head = adapter.lm_head()
-        self.linear = isinstance(head, torch.nn.Linear) and not getattr(adapter.config, "final_logit_softcapping", None)
+        weight, bias = _resident_params(head)
+        self.linear = (isinstance(head, torch.nn.Linear) and weight is not None
+                       and not getattr(adapter.config, "final_logit_softcapping", None))
         if self.linear:
-            self.p_w = probs @ head.weight.float()
-            self.p_b = probs @ head.bias.float() if head.bias is not None else 0.0
+            self.p_w = probs @ weight.to(probs.device).float()
+            self.p_b = probs @ bias.to(probs.device).float() if bias is not None else 0.0
             self.probs = None
         else:
             self.probs = probs
