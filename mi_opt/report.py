@@ -95,7 +95,8 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
           f"Scorer `{profile.method.get('scorer')}`"
           + (f", {profile.method.get('ablation')} ablation" if profile.method.get("ablation") else "")
           + f", calibration {profile.calibration.get('source')} ({profile.calibration.get('n_samples')} x "
-          f"{profile.calibration.get('seq_len')} tokens), base loss {profile.base_loss:.3f}; "
+          f"{profile.calibration.get('seq_len')} tokens)"
+          + (f", base loss {profile.base_loss:.3f}" if profile.base_loss is not None else "") + "; "
           f"profiling took {profile.cost.get('wall_time_s', 0):.0f} s.", ""]
     for title, f in figures:
         md += [f"### {title}", "", f"![{title}]({f})", ""]

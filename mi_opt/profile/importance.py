@@ -27,7 +27,7 @@ class ImportanceProfile:
     model: dict                 # spec, fingerprint, model_type, n_layers, heads per layer
     method: dict                # scorer, ablation kind, engine, notes
     calibration: dict           # source, n_samples, seq_len, seed, batch_size, split
-    base_loss: float            # mean next-token loss of the unablated model
+    base_loss: float | None     # mean next-token loss of the unablated model (None: scorer never computes it)
     scores: dict[str, UnitScore]
     cost: dict = field(default_factory=dict)      # wall_time_s, forward/backward counts
     versions: dict = field(default_factory=versions)

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+from tiny import save_tiny
+
+import mi_opt.evaluate
+from mi_opt.cli import main
+from mi_opt.recipe import recipe_from_dict
+from mi_opt.run import run
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+def _recipe(folder, name="t", parts=("perplexity", "speed"), seed=0, planner=None):
+    policy = planner or {"planner": "combined",
+                         "options": {"layer_skip": {"n_drop": 1}, "head_prune": {"fraction": 0.5}}}
+    return recipe_from_dict({
+        "name": name, "model": {"name": folder},
+        "data": {"calibration": "kjv", "n_samples": 4, "seq_len": 16, "seed": seed},
+        "profile": {"scorer": "ablation", "options": {"unit_kinds": ["layer", "head"], "batch_size": 2}},
+        "policy": policy,
+        "evaluate": {"parts": list(parts), "ppl_samples": 2, "ppl_seq_len": 16, "task_limit": 2,
+                     "tasks": ["miopt_arithmetic"], "speed": {"repetitions": 1, "prompt_len": 8, "new_tokens": 4}}})
+
+
+def test_full_run_writes_every_stage_and_a_report(tiny_folder, tmp_path):
+    result = run(_recipe(tiny_folder, parts=("perplexity", "tasks", "speed")), tmp_path / "t", progress=False)
+    assert result.stages_run == ["profile", "plan", "eval_original", "eval_compressed", "export"]
+    for name in ("profile.json", "plan.json", "eval_original.json", "eval_compressed.json", "report.md",
+                 "report.html", "decisions.png", "pareto.png", "heads.png", "checkpoint/config.json"):
+        assert (tmp_path / "t" / name).exists(), name
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "Dropped 1 of 4 layers" in report and "Pruned 6 attention heads" in report
+    assert "miopt_arithmetic" in report and "decode tokens/s" in report
+    compressed = json.loads((tmp_path / "t" / "eval_compressed.json").read_text())
+    original = json.loads((tmp_path / "t" / "eval_original.json").read_text())
+    assert compressed["speed"]["parameters"] < original["speed"]["parameters"]
+    again = run(_recipe(tiny_folder, parts=("perplexity", "tasks", "speed")), tmp_path / "t", progress=False)
+    assert again.stages_run == [] and "profile" in again.stages_reused
+
+
+def test_resume_after_a_crash_between_stages(tiny_folder, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while evaluating")
+
+    monkeypatch.setattr(mi_opt.evaluate, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(_recipe(tiny_folder), tmp_path / "t", progress=False)
+    folder = tmp_path / "t"
+    assert (folder / "profile.json").exists() and (folder / "plan.json").exists()
+    assert not list(folder.glob(".*"))  # no temporary half-written files left
+    monkeypatch.undo()
+    resumed = run(_recipe(tiny_folder), folder, progress=False)
+    assert resumed.stages_reused[:2] == ["profile", "plan"]
+    assert "eval_compressed" in resumed.stages_run
+
+
+def test_changed_settings_are_recomputed_not_reused(tiny_folder, tmp_path):
+    run(_recipe(tiny_folder), tmp_path / "t", progress=False)
+    changed = run(_recipe(tiny_folder, seed=1), tmp_path / "t", progress=False)
+    assert "profile" in changed.stages_run and "plan" in changed.stages_run
+    other_policy = run(_recipe(tiny_folder, seed=1, planner={"planner": "layer-skip", "options": {"n_drop": 2}}),
+                       tmp_path / "t", progress=False)
+    assert "profile" in other_policy.stages_reused and "plan" in other_policy.stages_run
+
+
+def test_compare_recipes_cli(tiny_folder, tmp_path, capsys):
+    paths = []
+    for name, planner in [("drop1", {"planner": "layer-skip", "options": {"n_drop": 1}}),
+                          ("heads", {"planner": "head-prune", "options": {"fraction": 0.5}})]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(_recipe(tiny_folder, name=name, planner=planner).to_yaml())
+        paths.append(str(path))
+    assert main(["compare-recipes", *paths, "--out", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "drop1" in out and "heads" in out and "perplexity" in out
+    assert (tmp_path / "runs" / "comparison" / "pareto.png").exists()
+    table = json.loads((tmp_path / "runs" / "comparison" / "compare.json").read_text())
+    assert table["labels"] == ["original", "drop1", "heads"]
