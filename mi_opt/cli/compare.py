@@ -3,6 +3,7 @@ Pareto plot. Each argument is an eval.json file or a model (evaluated with the s
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 
 from mi_opt.errors import MiOptError
@@ -11,16 +12,26 @@ from mi_opt.errors import MiOptError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from mi_opt.cli.eval import add_eval_arguments
 
-    p.add_argument("items", nargs="+", help="eval.json files and/or models (bundled name, folder, checkpoint); "
-                   "the first is the baseline")
+    p.add_argument("items", nargs="+", help="eval.json files (or run folders holding one) and/or models "
+                   "(bundled name, folder, exported checkpoint); the first is the baseline")
     p.add_argument("--labels", default=None, help="comma list of column names (default: from the paths)")
     p.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.json, pareto.png")
     p.add_argument("--save-evals", action="store_true", help="also write eval-<label>.json for models evaluated here")
     add_eval_arguments(p)
 
 
-def _label(item: str) -> str:
+def _eval_file(item: str) -> Path | None:
+    """The eval.json an item names: the file itself, or a run folder holding one (not a model)."""
     path = Path(item)
+    if path.suffix == ".json":
+        return path
+    if path.is_dir() and (path / "eval.json").is_file() and not (path / "config.json").is_file():
+        return path / "eval.json"
+    return None
+
+
+def _label(item: str) -> str:
+    path = _eval_file(item) or Path(item)
     if path.suffix == ".json":  # runs/a/eval.json -> "a"; base.json -> "base"
         return path.parent.name if path.stem == "eval" and path.parent.name else path.stem
     return path.name or item
@@ -50,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise MiOptError(f"--out {out} exists and is not a folder")
     # Read every eval.json first: a typo in the last one should not cost the evaluations before it.
-    results: list = [EvalResult.load(i) if i.endswith(".json") else None for i in args.items]
+    results: list = [EvalResult.load(f) if (f := _eval_file(i)) else None for i in args.items]
     config = config_from_args(args) if None in results else None
     for i, item in enumerate(args.items):
         if results[i] is None:
             print(f"evaluating {item} ...")
             results[i] = evaluate_spec(item, args, config)
+            gc.collect()  # release this model before the next one is loaded and measured
             if args.save_evals:
                 print(f"eval: {results[i].save(out / f'eval-{labels[i]}.json')}")
     comparison = Comparison(labels, results)
@@ -64,4 +76,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if sum(r is None for r in (_eval_file(i) for i in args.items)) > 1:
+        print("note: several models were evaluated in this one process; CPU peak memory (process RSS) of later "
+              "ones may include memory the allocator kept from earlier ones. For memory figures, run "
+              "`mi-opt eval` per model and compare the eval.json files.")
     return 0

@@ -28,8 +28,8 @@ def test_eval_then_compare(folder, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
     cmp_dir = tmp_path / "cmp"
-    # an eval.json and the same model evaluated on the fly, with the same settings
-    assert main(["compare", str(out), folder, "--labels", "base,again", "--out", str(cmp_dir), *SMALL]) == 0
+    # a run folder holding eval.json, and the same model evaluated on the fly with the same settings
+    assert main(["compare", str(out.parent), folder, "--labels", "base,again", "--out", str(cmp_dir), *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "metric" in printed and "base" in printed and "again" in printed
     table = json.loads((cmp_dir / "compare.json").read_text())
