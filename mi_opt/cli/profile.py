@@ -24,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cache-budget-mb", type=float, default=None,
+                   help="memory for cached layer inputs; over it, fewer layers are cached (same scores, more compute)")
+    p.add_argument("--shards", default=None,
+                   help="shard folder for resumable / torchrun-sharded profiling (default OUT/shards under torchrun)")
+    p.add_argument("--n-shards", type=int, default=None, help="number of shards (default: one per rank)")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds ranks wait for each other")
     p.add_argument("--out", default="runs/profile", help="output folder")
 
 
@@ -37,18 +43,30 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = AblationConfig(ablation=args.ablation, unit_kinds=tuple(u.strip() for u in args.units.split(",")),
                             batch_size=args.batch_size, ablations_per_forward=args.ablations_per_forward,
-                            engine=args.engine)
+                            engine=args.engine, cache_budget_mb=args.cache_budget_mb)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MiOptError(f"--out {out} exists and is not a folder")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    from mi_opt.distributed import is_distributed, profile_distributed, rank_device
+
+    device = args.device
+    if is_distributed() and device.startswith("cuda"):
+        device = str(rank_device())  # cuda:LOCAL_RANK, or every rank would land on cuda:0
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     from mi_opt.arch import get_adapter
 
     windows = token_windows(tokenizer, args.data, args.n_samples, args.seq_len, split="calibration",
                             seed=args.seed, max_positions=get_adapter(model).max_positions())
     calibration = {"source": args.data, "split": "calibration", "seed": args.seed, "batch_size": args.batch_size,
                    "dtype": args.dtype, "device": args.device, "torch_threads": torch.get_num_threads()}
-    profile = profile_ablation(model, windows, config, calibration=calibration, model_spec=args.model)
+    if is_distributed() or args.shards:
+        profile = profile_distributed(model, windows, config, Path(args.shards or out / "shards"),
+                                      calibration=calibration, model_spec=args.model, n_shards=args.n_shards,
+                                      timeout_s=args.timeout)
+        if profile is None:  # ranks other than 0: rank 0 writes profile.json and the plots
+            return 0
+    else:
+        profile = profile_ablation(model, windows, config, calibration=calibration, model_spec=args.model)
     path = profile.save(out / "profile.json")
     plots = [p for p in (head_heatmap(profile, out / "heads.png"), layer_bars(profile, out / "layers.png")) if p]
     print(f"profile: {path}  ({len(profile.scores)} units, {profile.cost['wall_time_s']:.0f} s, "

@@ -186,7 +186,7 @@ class _CleanReference:
         self.adapter, self.chunk = adapter, chunk
         head = adapter.lm_head()
         weight, bias = _resident_params(head)
-        self.linear = (isinstance(head, torch.nn.Linear) and weight is not None
+        self.linear = (type(head) is torch.nn.Linear and weight is not None
                        and not getattr(adapter.config, "final_logit_softcapping", None))
         if self.linear:
             self.p_w = probs @ weight.to(probs.device).float()

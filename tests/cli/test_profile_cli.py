@@ -42,3 +42,26 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tiny_folder, tmp_path, capsys
 def test_models_verb_lists_bundled(capsys):
     assert main(["models"]) == 0
     assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_match_one(tiny_folder, tmp_path):
+    """`torchrun --nproc_per_node 2 -m mi_opt profile` gives the one-process profile (gloo, CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    args = [tiny_folder, "--data", "kjv", "--n-samples", "4", "--seq-len", "16", "--batch-size", "2",
+            "--threads", "1"]
+    assert main(["profile", *args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mi_opt", "profile", *args, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "profile.json").read_text())["scores"]
+    two = json.loads((tmp_path / "two" / "profile.json").read_text())["scores"]
+    assert one.keys() == two.keys()
+    for key in one:
+        assert abs(one[key]["delta_loss"] - two[key]["delta_loss"]) < 1e-5
+        assert abs(one[key]["kl"] - two[key]["kl"]) < 1e-5
+    assert len(list((tmp_path / "two" / "shards").glob("shard-*.json"))) == 2
