@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from mi_opt.data import token_windows
 from mi_opt.export import SIDECAR, export, load_compressed
 from mi_opt.policy import make_plan
-from mi_opt.profile.ablation import AblationConfig, profile_ablation
+from mi_opt.profile.baselines import WeightMagnitudeConfig, profile_weight_magnitude
 from mi_opt.surgery import apply_
 
 PROMPT = "The capital of France is"
@@ -18,11 +17,12 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def smol_plan(smollm2):
-    model, tok = smollm2
-    windows = token_windows(tok, "handbook", 1, 32, split="calibration")
-    # A small calibration set keeps the test short; the surgery checks below do not depend on it.
-    profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer", "head"), ablations_per_forward=16),
-                               model_spec="smollm2-135m", progress=False)
+    model, _ = smollm2
+    # Scores from the data-free weight-magnitude scorer keep this test short: the checks below are
+    # about surgery, export and reload on the real model, not about score quality (the causal
+    # profiler has its own tests, and a full ablation sweep of 300 units is minutes on 2 cores).
+    profile = profile_weight_magnitude(model, config=WeightMagnitudeConfig(unit_kinds=("layer", "head")),
+                                       model_spec="smollm2-135m", progress=False)
     plan = make_plan(profile, "combined", {"layer_skip": {"n_drop": 6},
                                            "head_prune": {"fraction": 1 / 3, "mode": "uniform"}}, model)
     return profile, plan
