@@ -53,20 +53,37 @@ class _Option:
     removed_score: float
 
 
-def _layer_options(scores: list[float], n_kv: int) -> dict[tuple[int, int], _Option]:
-    """Best heads to remove for every (heads kept per group, groups kept) of one layer."""
+def _layer_options(scores: list[float], n_kv: int,
+                   group_scores: list[float] | None = None) -> dict[tuple[int, int], _Option]:
+    """Best heads to remove for every (heads kept per group, groups kept) of one layer.
+
+    A removed whole KV group costs its own measured score when the profile has one (L<i>.KV<g>
+    units): ablating a group together captures interactions that the sum of its heads' single
+    ablations misses. Otherwise it costs the sum of its heads' scores.
+    """
     group = len(scores) // n_kv
+
+    def group_cost(kv: int) -> float:
+        if group_scores is not None:
+            return group_scores[kv]
+        return sum(scores[kv * group:(kv + 1) * group])
+
     options = {}
     for g in range(1, group + 1):
         kept_by_group = []
         for kv in range(n_kv):
             heads = sorted(range(kv * group, (kv + 1) * group), key=lambda h: (-scores[h], h))[:g]
-            kept_by_group.append((sum(scores[h] for h in heads), kv, heads))
+            # Keeping a group is worth what removing it whole would cost, less its pruned heads.
+            pruned_inside = sum(scores[h] for h in range(kv * group, (kv + 1) * group) if h not in heads)
+            kept_by_group.append((group_cost(kv) - pruned_inside, kv, heads))
         kept_by_group.sort(key=lambda t: (-t[0], t[1]))
         for k in range(1, n_kv + 1):
             keep = {h for _, _, heads in kept_by_group[:k] for h in heads}
             pruned = tuple(h for h in range(len(scores)) if h not in keep)
-            options[(g, k)] = _Option(g, k, pruned, sum(scores[h] for h in pruned))
+            removed = sum(group_cost(kv) for _, kv, _ in kept_by_group[k:])
+            removed += sum(scores[h] for _, kv, heads in kept_by_group[:k]
+                           for h in range(kv * group, (kv + 1) * group) if h not in heads)
+            options[(g, k)] = _Option(g, k, pruned, removed)
     return options
 
 
@@ -107,6 +124,15 @@ def _free(options: dict[int, dict], n_heads_of: dict[int, int], n_remove: int) -
     return {i: pruned for i, pruned in dp[n_remove][1] if pruned}
 
 
+def _group_scores(profile: ImportanceProfile, metric: str) -> dict[int, list[float]]:
+    """Measured KV-group scores per layer, where the profile has L<i>.KV<g> units."""
+    by_layer: dict[int, dict[int, float]] = {}
+    for key in profile.units("kv_group"):
+        unit = parse_unit(key)
+        by_layer.setdefault(unit.layer, {})[unit.index] = profile.score(key, metric)
+    return {i: [g[k] for k in sorted(g)] for i, g in by_layer.items()}
+
+
 def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext,
                  skip_layers: list[int] = ()) -> dict[int, list[int]]:
     """Query heads to delete per layer (original numbering), leaving `skip_layers` out."""
@@ -127,7 +153,9 @@ def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanC
         raise MiOptError(f"cannot remove {n_remove} of {total} heads: every layer keeps at least one head")
     if n_remove == 0:
         return {}
-    options = {i: _layer_options([by_layer[i][h] for h in range(n_heads_of[i])], ctx.cost.geometry[i].n_kv_heads)
+    groups = _group_scores(profile, config.metric)
+    options = {i: _layer_options([by_layer[i][h] for h in range(n_heads_of[i])], ctx.cost.geometry[i].n_kv_heads,
+                                 groups.get(i) if len(groups.get(i, [])) == ctx.cost.geometry[i].n_kv_heads else None)
                for i in layers}
     if config.mode == "uniform":
         if len(set(n_heads_of.values())) > 1:

@@ -105,3 +105,26 @@ def test_bad_head_budgets_raise(llama):
     layers_only = profile_ablation(model, tiny_windows(4, 16), AblationConfig(unit_kinds=("layer",)), progress=False)
     with pytest.raises(MiOptError, match="no head scores"):
         make_plan(layers_only, "head-prune", {"fraction": 0.5}, model)
+
+
+def test_measured_kv_group_scores_decide_whole_group_removal():
+    from mi_opt.policy.head_prune import _layer_options
+
+    heads = [1.0, 1.0, 0.1, 0.1]  # 2 KV groups of 2; group 1's heads look unimportant one by one
+    summed = _layer_options(heads, 2)
+    # Without group scores, removing group 1 whole costs 0.2: the cheapest way to keep 2 heads.
+    assert min(summed.values(), key=lambda o: o.removed_score if o.keep_per_group * o.keep_groups == 2
+               else float("inf")).pruned == (2, 3)
+    # Ablated together, group 1 turns out vital (redundant heads): now one head per group goes.
+    measured = _layer_options(heads, 2, group_scores=[2.5, 5.0])
+    best = min((o for o in measured.values() if o.keep_per_group * o.keep_groups == 2),
+               key=lambda o: o.removed_score)
+    assert best.keep_groups == 2 and best.removed_score == pytest.approx(1.1)
+
+
+def test_planner_reads_kv_group_units_from_the_profile():
+    model = tiny_model("llama")
+    profile = profile_ablation(model, tiny_windows(4, 16), AblationConfig(unit_kinds=("head", "kv_group")),
+                               progress=False)
+    plan = make_plan(profile, "head-prune", {"fraction": 0.5, "mode": "uniform"}, model=model)
+    assert sum(len(v) for v in plan.prune_heads.values()) == 8
