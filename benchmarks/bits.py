@@ -55,6 +55,7 @@ def parse_args(argv=None):
                    help="reuse a saved mi-opt/quant-sensitivity JSON instead of measuring (its calibration is recorded)")
     p.add_argument("--no-importance", action="store_true",
                    help="skip the layer-ablation profile and its allocation (saves one profiling pass)")
+    p.add_argument("--render", type=Path, default=None, help="only rewrite bits.md from an existing bits.json")
     p.add_argument("--quick", action="store_true", help="4 calibration / 4 evaluation windows of 128, 1 seed, no tasks")
     p.add_argument("--out", type=Path, default=REPORTS)
     args = p.parse_args(argv)
@@ -86,6 +87,11 @@ def linear_bytes(sizes: dict, bits: dict) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        tasks = tuple(t for t in payload["args"]["tasks"].split(",") if t)
+        (args.render.parent / "bits.md").write_text(render_markdown(payload, tasks))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     base, tok = load_model(args.model)
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     for widths in ((4, 8), (4, 8, 16)):
         # the planner's own allocation step (make_plan(..., "bits", ...) runs the same function)
         bits, _ = allocate_bits(damage, sizes, BitsConfig(max_bytes=budget, widths=widths))
-        allocations[f"sensitivity {set(widths)}"] = bits
+        allocations["sensitivity {" + ", ".join(map(str, widths)) + "}"] = bits
     if profile is not None:
         plan = make_plan(profile, "bits", {"max_bytes": budget, "widths": (4, 8), "score": "importance"}, base,
                          progress=False)
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
                       **evaluate_allocation(base, tok, bits, args, eval_config)}
         rows[name]["eval_s"] = round(time.perf_counter() - t, 1)
         print(f"{name}: ppl {rows[name]['perplexity']:.3f}, {rows[name]['linear_bytes'] / 1e6:.2f} MB", file=sys.stderr)
+        write_json(args.out / "bits.partial.json", {"rows": rows})  # a crash later keeps what was measured
 
     ref = rows["fp32 (reference)"]["perplexity"]
     randoms = [r["perplexity"] - ref for k, r in rows.items() if k.startswith("random")]
@@ -172,6 +179,7 @@ def main(argv=None) -> int:
         "rows": rows, "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
         "machine": machine(), "versions": versions()}
     write_json(args.out / "bits.json", payload)
+    (args.out / "bits.partial.json").unlink(missing_ok=True)
     (args.out / "bits.md").write_text(render_markdown(payload, tasks))
     print(json.dumps({"sensitivity_vs_random": ratio, "total_s": payload["timings"]["total_s"]}))
     return 0
@@ -213,7 +221,11 @@ def render_markdown(p: dict, tasks: tuple[str, ...]) -> str:
               "vector-wise int8 with fp16 activations. Sensitivity was measured with the same real modules.",
               "- Bytes are the decoder linears only (weights + scales); embeddings and the tied lm_head stay "
               "full precision in every row.",
-              "- Sensitivity allocations use `allocate_bits` (the bits planner's knapsack) under `max_bytes` = the budget.", ""]
+              "- Sensitivity allocations use `allocate_bits` (the bits planner's knapsack) under `max_bytes` = the budget.",
+              "- The reference row is the unquantized model (run in fp32); its linear MB is the bf16 size.",
+              ("- Generative tasks: " + ", ".join(tasks) + " (mi_opt.evaluate, exact match)." if tasks else
+               "- Generative tasks were not run in this report (`--tasks ''`, to fit a shared 2-core machine); the "
+               "default command runs miopt_arithmetic and miopt_capitals through mi_opt.evaluate."), ""]
     return "\n".join(lines)
 
 
