@@ -3,7 +3,7 @@
 Sources: bundled corpora (see mi_opt/corpora/SOURCES.md), the full Debian installs, a local
 .txt or .jsonl file, `synthetic:arithmetic` (task-style text generated here), or
 `hf:NAME[:CONFIG]:SPLIT` for users with a network. Several sources
-can be mixed with "+", e.g. "handbook+kjv".
+can be mixed with "+", e.g. "handbook+kjv": windows come from each part in turn.
 
 Every window of a corpus has a fixed role: window i is an evaluation window when
 i % EVAL_EVERY == EVAL_EVERY - 1, a calibration window otherwise. The split therefore never
@@ -136,12 +136,20 @@ def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: s
         raise MiOptError(f"need seq_len >= 2 and n_samples >= 1 (got seq_len={seq_len}, n_samples={n_samples})")
     if max_positions and seq_len > max_positions:
         raise MiOptError(f"seq_len {seq_len} exceeds the model's context of {max_positions} tokens; lower seq_len")
-    windows = _all_windows(tokenizer, load_text(source), seq_len)
-    is_eval = (torch.arange(len(windows)) % EVAL_EVERY) == EVAL_EVERY - 1
-    pool = windows[is_eval] if split == "evaluation" else windows[~is_eval]
-    if len(pool) < n_samples:
+    # A mix "a+b" draws windows from each part in turn, so a small corpus (task-style text)
+    # is as present in the windows as a large one, whatever their sizes.
+    parts = source.split("+") if "+" in source and not Path(source).exists() else [source]
+    generator = torch.Generator().manual_seed(seed)
+    pools = []
+    for part in parts:
+        windows = _all_windows(tokenizer, load_text(part), seq_len)
+        is_eval = (torch.arange(len(windows)) % EVAL_EVERY) == EVAL_EVERY - 1
+        pool = windows[is_eval] if split == "evaluation" else windows[~is_eval]
+        pools.append(pool[torch.randperm(len(pool), generator=generator)])
+    available = sum(len(p) for p in pools)
+    if available < n_samples:
         raise MiOptError(
-            f"corpus {source!r} has only {len(pool)} {split} windows of {seq_len} tokens, "
+            f"corpus {source!r} has only {available} {split} windows of {seq_len} tokens, "
             f"{n_samples} requested; lower n_samples or seq_len, or add text")
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-    return pool[order[:n_samples]].clone()
+    order = [(i, j) for i in range(max(len(p) for p in pools)) for j in range(len(pools)) if i < len(pools[j])]
+    return torch.stack([pools[j][i] for i, j in order[:n_samples]])

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -55,3 +56,12 @@ def test_bad_inputs(tmp_path, tok):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(MiOptError, match="needs a string field 'text'"):
         load_text(str(tmp_path / "bad.jsonl"))
+
+
+def test_mixed_sources_contribute_windows_in_turn(tok):
+    mixed = token_windows(tok, "handbook+synthetic:arithmetic", 6, 32)
+    from_arithmetic = [bool(re.search(r"\d+ = \d+", tok.decode(r))) for r in mixed]
+    assert from_arithmetic == [False, True] * 3
+    ev = token_windows(tok, "handbook+kjv", 40, 32, split="evaluation")
+    cal = {tuple(r.tolist()) for r in token_windows(tok, "handbook", 400, 32)}
+    assert not any(tuple(r.tolist()) in cal for r in ev)
