@@ -13,9 +13,9 @@ def test_profile_smollm2(smollm2):
     model, tok = smollm2
     adapter = get_adapter(model)
     assert adapter.n_layers() == 30 and adapter.heads(0).n_heads == 9 and adapter.heads(0).n_kv_heads == 3
-    windows = token_windows(tok, "handbook", 4, 48, seed=0)
-    profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer", "mlp", "head"), batch_size=2,
-                                                              ablations_per_forward=4), progress=False)
+    windows = token_windows(tok, "handbook", 4, 32, seed=0)
+    profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer", "head"), batch_size=2,
+                                                              ablations_per_forward=6), progress=False)
     assert len(profile.units("layer")) == 30 and len(profile.units("head")) == 270
     assert 1.0 < profile.base_loss < 6.0  # a trained model on English prose, not a random one
     layer_scores = torch.tensor([profile.score(k) for k in profile.units("layer")])
