@@ -7,8 +7,34 @@ Names are imported on first use, so `import mi_opt` (and the CLI) starts fast.
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _OncePerMessage(logging.Filter):
+    """bitsandbytes logs the same CPU notice on every int8 matmul; one line is informative enough.
+
+    Its offline notice about the optional hub-downloaded 4-bit kernel is dropped: mi-opt never
+    downloads kernels and the built-in CPU path is what it uses and tests.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"):
+            return False
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+for _name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_name).addFilter(_OncePerMessage())
 
 _EXPORTS = {
     "load_model": "mi_opt.models",
