@@ -53,6 +53,32 @@ def read_json(path: str | Path, schema: str, max_version: int) -> dict:
     return payload
 
 
+class JsonArtifact:
+    """to_dict / save / from_dict / load for a dataclass artifact.
+
+    A subclass sets class attributes SCHEMA ("mi-opt/<name>") and VERSION; loading checks both.
+    """
+
+    SCHEMA = ""
+    VERSION = 1
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"schema": self.SCHEMA, "version": self.VERSION, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{k: v for k, v in d.items() if k not in ("schema", "version")})
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(read_json(path, cls.SCHEMA, cls.VERSION))
+
+
 def versions() -> dict[str, str]:
     """Package versions and the git commit, so a number can be traced to the code that made it."""
     import importlib.metadata as md

@@ -6,9 +6,8 @@ profile scored), whatever order surgery applies the steps in.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from mi_opt.artifacts import now, read_json, versions, write_json
+from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
 
 SCHEMA = "mi-opt/compression-plan"
@@ -18,7 +17,10 @@ BIT_WIDTHS = (4, 8, 16)
 
 
 @dataclass
-class CompressionPlan:
+class CompressionPlan(JsonArtifact):
+    SCHEMA = SCHEMA
+    VERSION = VERSION
+
     model: dict                                           # spec, fingerprint, n_layers of the source model
     drop_layers: list[int] = field(default_factory=list)  # original layer indices to delete
     prune_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> query heads to delete
@@ -53,13 +55,5 @@ class CompressionPlan:
         d["prune_heads"] = {str(k): v for k, v in self.prune_heads.items()}
         return {"schema": SCHEMA, "version": VERSION, **d}
 
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CompressionPlan":
-        return cls(**{k: v for k, v in d.items() if k not in ("schema", "version")})
 
-    @classmethod
-    def load(cls, path: str | Path) -> "CompressionPlan":
-        return cls.from_dict(read_json(path, SCHEMA, VERSION))

@@ -1,17 +1,19 @@
 """EvalResult: what one evaluation measured, with the settings, machine and versions behind it."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from mi_opt.artifacts import machine, now, read_json, versions, write_json
+from mi_opt.artifacts import JsonArtifact, machine, now, versions
 
 SCHEMA = "mi-opt/eval"
 VERSION = 1
 
 
 @dataclass
-class EvalResult:
+class EvalResult(JsonArtifact):
+    SCHEMA = SCHEMA
+    VERSION = VERSION
+
     model: dict                          # spec, fingerprint, model_type, family, n_layers, dtype
     settings: dict                       # the EvalConfig, as a dict
     perplexity: dict | None = None       # perplexity, bits_per_byte, n_tokens, n_bytes, source, ...
@@ -27,16 +29,6 @@ class EvalResult:
         scores = [t["metrics"][t["primary"]] for t in self.tasks.values()]
         return sum(scores) / len(scores) if scores else None
 
-    def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "version": VERSION, **asdict(self)}
 
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "EvalResult":
-        return cls(**{k: v for k, v in d.items() if k not in ("schema", "version")})
 
-    @classmethod
-    def load(cls, path: str | Path) -> "EvalResult":
-        return cls.from_dict(read_json(path, SCHEMA, VERSION))

@@ -17,15 +17,14 @@ module is quantized once, before the loop, and swapped in and out.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mi_opt.arch import ArchAdapter, get_adapter
-from mi_opt.artifacts import now, read_json, versions, write_json
+from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
 from mi_opt.surgery.quantize import QUANT_TYPES, _as_linear, _linear_like, _quantized, quantized_bytes
@@ -36,7 +35,10 @@ GRANULARITIES = ("layer", "module")
 
 
 @dataclass
-class QuantSensitivity:
+class QuantSensitivity(JsonArtifact):
+    SCHEMA = SCHEMA
+    VERSION = VERSION
+
     model: dict                     # spec, fingerprint, model_type, n_layers
     method: dict                    # granularity, widths, quant_type, metric definitions
     calibration: dict               # source, n_samples, seq_len, batches
@@ -55,19 +57,9 @@ class QuantSensitivity:
     def units(self) -> list[str]:
         return list(self.scores)
 
-    def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "version": VERSION, **asdict(self)}
 
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantSensitivity":
-        return cls(**{k: v for k, v in d.items() if k not in ("schema", "version")})
 
-    @classmethod
-    def load(cls, path: str | Path) -> "QuantSensitivity":
-        return cls.from_dict(read_json(path, SCHEMA, VERSION))
 
 
 def quant_units(adapter: ArchAdapter, granularity: str) -> dict[str, list[str]]:

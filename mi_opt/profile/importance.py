@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from mi_opt.artifacts import now, read_json, versions, write_json
+from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.units import parse_unit
 
 SCHEMA = "mi-opt/importance-profile"
@@ -23,7 +22,10 @@ class UnitScore:
 
 
 @dataclass
-class ImportanceProfile:
+class ImportanceProfile(JsonArtifact):
+    SCHEMA = SCHEMA
+    VERSION = VERSION
+
     model: dict                 # spec, fingerprint, model_type, n_layers, heads per layer
     method: dict                # scorer, ablation kind, engine, notes
     calibration: dict           # source, n_samples, seq_len, seed, batch_size, split
@@ -45,8 +47,6 @@ class ImportanceProfile:
         d["scores"] = {k: asdict(v) for k, v in self.scores.items()}
         return {"schema": SCHEMA, "version": VERSION, **d}
 
-    def save(self, path: str | Path) -> Path:
-        return write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImportanceProfile":
@@ -54,6 +54,3 @@ class ImportanceProfile:
         d["scores"] = {k: UnitScore(**v) for k, v in d["scores"].items()}
         return cls(**d)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "ImportanceProfile":
-        return cls.from_dict(read_json(path, SCHEMA, VERSION))
