@@ -26,17 +26,20 @@ BUNDLED_CORPORA = {"kjv": CORPUS_DIR / "kjv.txt", "handbook": CORPUS_DIR / "hand
 DEBIAN_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
 
 
-def _debian_handbook() -> str:
-    if not DEBIAN_HANDBOOK.is_dir():
-        raise MiOptError("corpus 'handbook-full' needs Debian's package: apt-get install debian-handbook")
-    texts = []
-    for page in sorted(DEBIAN_HANDBOOK.glob("*.html")):
-        body = re.sub(r"(?s)<(script|style|pre)\b.*?</\1>", " ", page.read_text(errors="replace"))
-        texts += [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", p)).strip()
-                  for p in re.findall(r'(?s)<div class="para"[^>]*>(.*?)</div>', body)]
+def debian_handbook_text(html_dir: Path = DEBIAN_HANDBOOK) -> str:
+    """Paragraphs of the Debian handbook's HTML, tags stripped (also builds the bundled excerpt)."""
     import html
 
-    return "\n\n".join(html.unescape(t) for t in texts if len(t) > 80)
+    if not html_dir.is_dir():
+        raise MiOptError("corpus 'handbook-full' needs Debian's package: apt-get install debian-handbook")
+    paragraphs = []
+    for page in sorted(html_dir.glob("*.html")):
+        body = re.sub(r"(?s)<(script|style|pre)\b.*?</\1>", " ", page.read_text(encoding="utf-8", errors="replace"))
+        for para in re.findall(r'(?s)<div class="para"[^>]*>(.*?)</div>', body):
+            text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", para))).strip()
+            if len(text) > 80:  # drop captions, navigation and one-line notes
+                paragraphs.append(text)
+    return "\n\n".join(paragraphs)
 
 
 def _debian_kjv() -> str:
@@ -95,7 +98,7 @@ def load_text(source: str) -> str:
     if source in BUNDLED_CORPORA:
         return BUNDLED_CORPORA[source].read_text(encoding="utf-8")
     if source == "handbook-full":
-        return _debian_handbook()
+        return debian_handbook_text()
     if source == "kjv-full":
         return _debian_kjv()
     if source.startswith("hf:"):

@@ -11,10 +11,11 @@ Sources and licenses (also in mi_opt/corpora/SOURCES.md):
 We bundle an excerpt of each so a fresh machine needs no apt step; the loaders in
 mi_opt/data.py also read the full Debian installs when present.
 """
-import html
 import re
 import subprocess
 from pathlib import Path
+
+from mi_opt.data import debian_handbook_text
 
 OUT = Path(__file__).resolve().parent.parent / "mi_opt" / "corpora"
 HANDBOOK_HTML = Path("/usr/share/doc/debian-handbook/html/en-US")
@@ -37,16 +38,7 @@ def kjv_text() -> str:
 
 
 def handbook_text() -> str:
-    paragraphs = []
-    for page in sorted(HANDBOOK_HTML.glob("*.html")):
-        body = page.read_text(encoding="utf-8", errors="replace")
-        body = re.sub(r"(?s)<(script|style|pre)\b.*?</\1>", " ", body)
-        for para in re.findall(r'(?s)<div class="para"[^>]*>(.*?)</div>', body):
-            text = html.unescape(re.sub(r"<[^>]+>", "", para))
-            text = re.sub(r"\s+", " ", text).strip()
-            if len(text) > 80:  # drop captions, navigation and one-line notes
-                paragraphs.append(text)
-    return "\n\n".join(paragraphs)
+    return debian_handbook_text(HANDBOOK_HTML)
 
 
 def clip(text: str) -> str:
