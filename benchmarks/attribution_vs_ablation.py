@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from scipy.stats import kendalltau, spearmanr
 
 from mi_opt.artifacts import machine, versions, write_json

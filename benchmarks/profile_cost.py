@@ -14,7 +14,6 @@ Writes reports/profile_cost.md and reports/profile_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

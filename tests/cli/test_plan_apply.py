@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from tiny import save_tiny, tiny_windows
 
 from mi_opt.cli import main

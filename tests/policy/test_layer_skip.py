@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny import tiny_model, tiny_windows
 
 from mi_opt.errors import MiOptError

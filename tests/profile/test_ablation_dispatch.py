@@ -3,7 +3,6 @@ cache, and scoring a subset of units (one shard of a distributed run)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny import tiny_model, tiny_windows
 
 from mi_opt.errors import MiOptError
