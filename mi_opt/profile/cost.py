@@ -81,3 +81,14 @@ def estimate(shape: ModelShape, unit_layers: list[int], n_samples: int, seq_len:
     hours = flops / (sustained_tflops * 1e12) / 3600
     return CostEstimate(full_forward_equivalents=per_batch * n_batches, tokens_processed=fe * tokens,
                         flops=flops, gpu_hours=hours, wall_hours=hours / n_gpus)
+
+
+def measured_forward_equivalents(cost: dict) -> float:
+    """A finished profile's work in full forwards of one batch, comparable across scorers.
+
+    Ablation profiles report it; the others report passes, and a backward pass costs about
+    two forwards (it computes gradients for activations and weights' inputs alike).
+    """
+    if "full_forward_equivalents" in cost:
+        return float(cost["full_forward_equivalents"]) + float(cost.get("mean_pass_forwards", 0))
+    return float(cost.get("forwards", 0)) + 2.0 * float(cost.get("backwards", 0))
