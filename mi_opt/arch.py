@@ -78,6 +78,16 @@ class ArchAdapter:
         n_kv = attn.k_proj.out_features // attn.head_dim
         return HeadGeometry(n_heads=n_heads, n_kv_heads=n_kv, head_dim=attn.head_dim)
 
+    def heads_per_layer(self) -> list[int]:
+        """Query heads of every layer; 0 where the attention block itself was removed."""
+        counts = []
+        for i in range(self.n_layers()):
+            try:
+                counts.append(self.heads(i).n_heads)
+            except AttributeError:  # a stand-in without projections: no heads
+                counts.append(0)
+        return counts
+
     def max_positions(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 0) or 0)
 

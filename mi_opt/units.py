@@ -52,7 +52,8 @@ def enumerate_units(adapter, kinds: tuple[str, ...] = KINDS) -> list[Unit]:
         raise MiOptError(f"unknown unit kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
     units = []
     for layer in range(adapter.n_layers()):
-        geo = adapter.heads(layer)
+        # Head geometry only when heads are asked for: a layer may have no attention heads left.
+        geo = adapter.heads(layer) if {"head", "kv_group"} & set(kinds) else None
         if "layer" in kinds:
             units.append(Unit(layer, "layer"))
         if "attn" in kinds:

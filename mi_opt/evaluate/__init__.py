@@ -39,7 +39,7 @@ def _model_info(model: nn.Module, spec: str | None) -> dict:
     dtype = next(model.parameters()).dtype
     return {"spec": spec, "fingerprint": model_fingerprint(model), "model_type": model.config.model_type,
             "family": adapter.family, "n_layers": adapter.n_layers(),
-            "heads": [adapter.heads(i).n_heads for i in range(adapter.n_layers())],
+            "heads": adapter.heads_per_layer(),
             "dtype": str(dtype).replace("torch.", "")}
 
 

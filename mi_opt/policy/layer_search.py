@@ -5,8 +5,9 @@ change, so the searches here re-score the layers that remain on the calibration 
 
 - greedy (`iterative`): drop the least important layer(s), re-score, repeat. The re-scorer
   is any registered scorer that scores layers (exact ablation by default). With
-  `candidates = m`, each round re-measures only the m layers ranked lowest so far and picks
-  among those: the expensive exact scorer then runs on the decision boundary only.
+  `candidates = m`, each round re-measures only the m remaining layers the starting profile
+  ranks lowest and picks among those: a cheap scorer (block influence, attribution) ranks,
+  and the expensive exact one runs on the decision boundary only.
 - beam (`beam_width > 1`): keep the best `beam_width` drop sets at each depth, ranked by
   the calibration loss of the model without them. Exact ablation of layer l in the model
   without S gives loss(S + l) = loss(S) + delta_loss(l), so one ablation profile per beam
@@ -78,7 +79,9 @@ def greedy(scores: dict[int, float], pool: list[int], choose: Callable[[dict[int
     `done(dropped)`, re-scoring what remains after each round. `model` is copied, never modified."""
     work, work_model = _Work(), copy.deepcopy(model)
     alive = list(range(get_adapter(model).n_layers()))
-    known = dict(scores)  # latest score of every layer, stale or fresh: orders the candidates
+    # Candidates are ranked by the starting profile: its scorer may be a cheap one on another
+    # scale than the re-scorer's, so fresh and starting scores are never compared.
+    starting = dict(scores)
     dropped: list[int] = []
     rounds: list[dict] = []
     bar = tqdm(desc="iterative layer search", unit="round", disable=not progress)
@@ -94,10 +97,9 @@ def greedy(scores: dict[int, float], pool: list[int], choose: Callable[[dict[int
             break
         _without(work_model, alive, new)
         alive = [i for i in alive if i not in new]
-        remaining = sorted((i for i in pool if i not in dropped), key=lambda i: (known.get(i, float("inf")), i))
+        remaining = sorted((i for i in pool if i not in dropped), key=lambda i: (starting.get(i, float("inf")), i))
         only = remaining[:candidates] if candidates else remaining
         scores, _ = rescore(work_model, alive, only, windows, scorer, options, metric, work)
-        known.update(scores)  # the next choice is made among the fresh scores only
     bar.close()
     return dropped, rounds
 

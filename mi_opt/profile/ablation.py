@@ -336,8 +336,9 @@ def input_device(model, adapter: ArchAdapter) -> torch.device:
 
 
 def model_summary(model, adapter: ArchAdapter, spec: str | None) -> dict:
+    heads = adapter.heads_per_layer()
     return {"spec": spec, "fingerprint": model_fingerprint(model), "model_type": model.config.model_type,
             "family": adapter.family, "n_layers": adapter.n_layers(),
-            "heads": [adapter.heads(i).n_heads for i in range(adapter.n_layers())],
-            "kv_heads": [adapter.heads(i).n_kv_heads for i in range(adapter.n_layers())],
+            "heads": heads,
+            "kv_heads": [adapter.heads(i).n_kv_heads if n else 0 for i, n in enumerate(heads)],
             "parameters": sum(p.numel() for p in model.parameters())}

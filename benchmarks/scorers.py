@@ -1,0 +1,287 @@
+"""Which scorer picks the parts to remove best? Every scorer's plan, at equal budget, evaluated.
+
+    python benchmarks/scorers.py                  # full run (about 1.5 h on 2 CPU cores)
+    python benchmarks/scorers.py --part layers    # only the layer-dropping half
+    python benchmarks/scorers.py --render         # rewrite reports/scorers.md and plots from scorers.json
+
+On SmolLM2-135M, calibrated on Debian handbook prose (calibration windows), judged on other
+text (evaluation windows of handbook + KJV) and on the shipped tasks (facts multiple choice,
+generative arithmetic and capitals, every item). For each method: its cost (wall time and
+work in full-forward equivalents of one calibration batch, and the ratio to block
+influence), its rank correlation with exact ablation, and the evaluation of the model its
+plan produces: drop 4, 6, 8 of 30 layers (or the same parameters as attention/MLP
+sublayers), prune a quarter, a third, a half of the heads. Results are saved after every
+step: an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mi_opt.artifacts import machine, read_json, versions, write_json
+from mi_opt.data import token_windows
+from mi_opt.evaluate import EvalConfig, evaluate
+from mi_opt.models import load_model
+from mi_opt.policy import make_plan
+from mi_opt.profile.ablation import AblationConfig, profile_ablation
+from mi_opt.profile.baselines import best_block
+from mi_opt.profile.cost import measured_forward_equivalents
+from mi_opt.profile.importance import ImportanceProfile
+from mi_opt.profile.scorers import run_scorer
+from mi_opt.surgery.heads import prune_heads_
+from mi_opt.surgery.layers import drop_layers_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scorers_render import render  # noqa: E402
+from sublayers import sublayer_search, without_sublayers  # noqa: E402
+
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
+LAYER_BUDGETS = (4, 6, 8)
+HEAD_BUDGETS = (0.25, 1 / 3, 0.5)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib-source", default="handbook")
+    p.add_argument("--eval-source", default="handbook+kjv")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128, help="calibration window length")
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--task-limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--random-seeds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--part", choices=("all", "layers", "heads"), default="all")
+    p.add_argument("--render", action="store_true", help="only rewrite the report from scorers.json")
+    p.add_argument("--out", type=Path, default=REPORTS)
+    p.add_argument("--cache", type=Path, default=Path("runs/bench-scorers"), help="profiles, for resuming")
+    return p.parse_args(argv)
+
+
+class Bench:
+    """The benchmark's state: saved after every step, so a rerun resumes."""
+
+    def __init__(self, args):
+        self.args, self.path = args, args.out / "scorers.json"
+        self.data = read_json(self.path, "mi-opt/benchmark-scorers", 1) if self.path.exists() else {
+            "schema": "mi-opt/benchmark-scorers", "version": 1, "model": args.model,
+            "calibration": {"source": args.calib_source, "split": "calibration", "n_samples": args.calib_samples,
+                            "seq_len": args.seq_len},
+            "evaluation": {"text": args.eval_source, "split": "evaluation", "n_samples": args.eval_samples,
+                           "seq_len": args.eval_seq_len, "task_limit": args.task_limit},
+            "machine": machine(), "versions": versions(), "threads": args.threads,
+            "profiles": {}, "methods": {}, "evals": {}, "correlations": {}}
+        args.cache.mkdir(parents=True, exist_ok=True)
+
+    def save(self):
+        write_json(self.path, self.data)
+
+    def profile(self, name: str, make) -> ImportanceProfile:
+        path = self.args.cache / f"{name}.json"
+        if path.exists():
+            return ImportanceProfile.load(path)
+        started = time.perf_counter()
+        prof = make()
+        prof.cost["measured_wall_s"] = round(time.perf_counter() - started, 2)
+        prof.save(path)
+        self.data["profiles"][name] = {"wall_s": prof.cost["measured_wall_s"],
+                                       "forward_equivalents": round(measured_forward_equivalents(prof.cost), 2)}
+        self.save()
+        print(f"profile {name}: {self.data['profiles'][name]}", flush=True)
+        return prof
+
+    def cost_of(self, name: str) -> dict:
+        return dict(self.data["profiles"][name])
+
+    def method(self, name: str, kind: str, description: str, budgets: dict) -> None:
+        """budgets: budget label -> {"plan": {...}, "cost": {"wall_s", "forward_equivalents"}}."""
+        self.data["methods"][name] = {"kind": kind, "description": description, "budgets": budgets}
+        self.save()
+
+
+def _eval_key(kind: str, plan: dict) -> str:
+    return f"{kind}:{sorted(plan.items())}"
+
+
+def evaluate_plans(bench: Bench, model, tok, config: EvalConfig) -> None:
+    """Evaluate every distinct plan not evaluated yet (plans shared by methods run once)."""
+    todo = {}
+    for m in bench.data["methods"].values():
+        for b in m["budgets"].values():
+            todo.setdefault(_eval_key(m["kind"], b["plan"]), (m["kind"], b["plan"]))
+    for key, (kind, plan) in todo.items():
+        if key in bench.data["evals"]:
+            continue
+        started = time.perf_counter()
+        work = copy.deepcopy(model)
+        if kind == "layers":
+            drop_layers_(work, plan["drop"])
+        elif kind == "heads":
+            prune_heads_(work, {int(k): v for k, v in plan["prune"].items()}, mode="free")
+        elif kind == "sublayers":
+            without_sublayers(work, plan["remove"])
+        bench.data["evals"][key] = summarize(evaluate(work, tok, config, progress=False), work)
+        del work
+        print(f"eval {key[:90]}: {bench.data['evals'][key]} ({time.perf_counter() - started:.0f} s)", flush=True)
+        bench.save()
+
+
+def summarize(result, model) -> dict:
+    tasks = {name: r["metrics"][r["primary"]] for name, r in result.tasks.items()}
+    generative = [v for k, v in tasks.items() if k != "miopt_facts_mc"]
+    return {"perplexity": round(result.perplexity["perplexity"], 4), "tasks": tasks,
+            "generative_mean": round(sum(generative) / len(generative), 4),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def layer_methods(bench: Bench, model, windows) -> None:
+    bs = {"batch_size": 4}
+    have = bench.data["methods"]
+    n = model.config.num_hidden_layers
+
+    def one_shot(name, prof_name, desc, metric="kl", extra=None):
+        if name in have:
+            return
+        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, windows,
+                                                            {"unit_kinds": ("layer",), **(extra or {})}))
+        budgets = {str(k): {"plan": {"drop": make_plan(prof, "layer-skip", {"n_drop": k, "metric": metric},
+                                                      model, progress=False).drop_layers},
+                            "cost": bench.cost_of(prof_name)} for k in LAYER_BUDGETS}
+        bench.method(name, "layers", desc, budgets)
+
+    def searched(name, prof_name, desc, options):
+        if name in have:
+            return
+        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, windows,
+                                                            {"unit_kinds": ("layer",), **bs}))
+        plan = make_plan(prof, "layer-skip", {"n_drop": max(LAYER_BUDGETS), **options}, model, windows=windows)
+        rounds = plan.planner["rounds"]
+        base = bench.cost_of(prof_name) if options.get("beam_width", 1) == 1 else {"wall_s": 0, "forward_equivalents": 0}
+        budgets = {}
+        for k in LAYER_BUDGETS:
+            drop = rounds[k - 1]["best"] if "best" in rounds[k - 1] else [i for r in rounds[:k] for i in r["dropped"]]
+            budgets[str(k)] = {"plan": {"drop": sorted(drop)}, "cost": {
+                "wall_s": round(base["wall_s"] + rounds[k - 1]["wall_s"], 2),
+                "forward_equivalents": round(base["forward_equivalents"] + rounds[k - 1]["forward_equivalents"], 2)}}
+        bench.method(name, "layers", desc, budgets)
+
+    for seed in range(bench.args.random_seeds):
+        one_shot(f"random (seed {seed})", f"random[seed{seed}]", "seeded random scores", extra={"seed": seed})
+    one_shot("weight magnitude", "weight_magnitude[layer]", "L2 norm of the layer's weights")
+    one_shot("block influence (ShortGPT)", "block_influence[layer]", "1 - cos(layer input, output), one-shot")
+    if "angular distance (Gromov)" not in have:
+        budgets = {}
+        for k in LAYER_BUDGETS:
+            started = time.perf_counter()
+            start, _ = best_block(model, windows, k, batch_size=4, progress=False)
+            budgets[str(k)] = {"plan": {"drop": list(range(start, start + k))},
+                               "cost": {"wall_s": round(time.perf_counter() - started, 2),
+                                        "forward_equivalents": float(-(-len(windows) // 4))}}
+        bench.method("angular distance (Gromov)", "layers", "best contiguous block by last-token angular "
+                     "distance", budgets)
+    one_shot("attribution (KL)", "attribution[layer]", "attribution patching, second-order KL estimate, one-shot")
+    one_shot("attribution (delta loss)", "attribution[layer]", "attribution patching, first order, one-shot",
+             metric="delta_loss")
+    one_shot("ablation (KL)", "ablation[layer]", "exact zero ablation, KL, one-shot")
+    one_shot("ablation (delta loss)", "ablation[layer]", "exact zero ablation, calibration loss, one-shot",
+             metric="delta_loss")
+    searched("block influence, iterative", "block_influence[layer]", "block influence re-scored after each drop",
+             {"iterative": True, "rescore": "block_influence"})
+    searched("ablation (KL), iterative", "ablation[layer]", "exact ablation re-scored after each drop",
+             {"iterative": True, "metric": "kl"})
+    searched("BI + exact boundary, iterative", "block_influence[layer]",
+             "block influence ranks; each round exact ablation (KL) of the 4 lowest-ranked only",
+             {"iterative": True, "rescore": "ablation", "metric": "kl", "candidates": 4})
+    searched("beam search (width 3)", "ablation[layer]", "beam over drop sets by calibration loss, "
+             "8 lowest-ranked candidates per state", {"beam_width": 3, "candidates": 8})
+    if "sublayers (KL/param), iterative" not in have:
+        bench.method("sublayers (KL/param), iterative", "sublayers",
+                     "attention and MLP sublayers removed separately, least KL per parameter first, "
+                     "6 lowest re-scored exactly per round; same parameters as k whole layers",
+                     sublayer_search(model, windows, [k * _layer_params(model) for k in LAYER_BUDGETS],
+                                     [str(k) for k in LAYER_BUDGETS], candidates=6))
+    del n
+
+
+def _layer_params(model) -> int:
+    return sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def head_methods(bench: Bench, model, windows) -> None:
+    have = bench.data["methods"]
+
+    def one_shot(name, prof_name, desc, metric="kl", extra=None):
+        name = f"heads/{name}"  # the same scorer names as the layer methods, kept apart
+        if name in have:
+            return
+        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, windows,
+                                                            {"unit_kinds": ("head",), **(extra or {})}))
+        budgets = {f"{f:.2f}": {"plan": {"prune": {str(k): v for k, v in make_plan(
+            prof, "head-prune", {"fraction": f, "mode": "free", "metric": metric}, model,
+            progress=False).prune_heads.items()}}, "cost": bench.cost_of(prof_name)} for f in HEAD_BUDGETS}
+        bench.method(name, "heads", desc, budgets)
+
+    for seed in range(bench.args.random_seeds):
+        one_shot(f"random (seed {seed})", f"random[head,seed{seed}]", "seeded random scores", extra={"seed": seed})
+    one_shot("weight magnitude", "weight_magnitude[head]", "L2 norm of the head's q rows and o columns")
+    one_shot("attribution (KL)", "attribution[head]", "attribution patching, second-order KL estimate")
+    one_shot("attribution (delta loss)", "attribution[head]", "attribution patching, first order",
+             metric="delta_loss")
+    one_shot("ablation (KL)", "ablation[head]", "exact zero ablation, KL")
+    one_shot("ablation (delta loss)", "ablation[head]", "exact zero ablation, calibration loss", metric="delta_loss")
+
+
+def correlations(bench: Bench) -> None:
+    from scipy.stats import kendalltau, spearmanr
+
+    cache = bench.args.cache
+    for kind in ("layer", "head"):
+        ref_path = cache / f"ablation[{kind}].json"
+        if not ref_path.exists():
+            continue
+        ref = ImportanceProfile.load(ref_path)
+        for path in sorted(cache.glob(f"*[[]{kind}*].json")) + sorted(cache.glob("*[[]seed*].json")):
+            prof = ImportanceProfile.load(path)
+            keys = ref.units(kind)
+            if path == ref_path or not all(k in prof.scores for k in keys):
+                continue
+            for metric in ("kl", "delta_loss"):
+                a, b = [prof.score(k, metric) for k in keys], [ref.score(k, metric) for k in keys]
+                bench.data["correlations"][f"{path.stem}/{kind}/{metric}"] = {
+                    "n": len(keys), "spearman": round(float(spearmanr(a, b)[0]), 4),
+                    "kendall": round(float(kendalltau(a, b)[0]), 4)}
+    bench.save()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bench = Bench(args)
+    if not args.render:
+        torch.set_num_threads(args.threads)
+        model, tok = load_model(args.model)
+        windows = token_windows(tok, args.calib_source, args.calib_samples, args.seq_len, split="calibration")
+        config = EvalConfig(parts=("perplexity", "tasks"), text_source=args.eval_source,
+                            ppl_samples=args.eval_samples, ppl_seq_len=args.eval_seq_len, task_limit=args.task_limit,
+                            threads=args.threads)
+        if "original" not in bench.data["evals"]:
+            bench.data["evals"]["original"] = summarize(evaluate(model, tok, config, progress=False), model)
+            bench.save()
+        if args.part in ("all", "layers"):
+            layer_methods(bench, model, windows)
+            evaluate_plans(bench, model, tok, config)
+        if args.part in ("all", "heads"):
+            head_methods(bench, model, windows)
+            evaluate_plans(bench, model, tok, config)
+        correlations(bench)
+    render(bench.data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

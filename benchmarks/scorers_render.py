@@ -1,0 +1,108 @@
+"""reports/scorers.md and its plots, from the scorer benchmark's JSON (see scorers.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+TASKS = (("miopt_facts_mc", "facts MC"), ("miopt_arithmetic", "arith"), ("miopt_capitals", "capitals"))
+
+
+def _key(kind: str, plan: dict) -> str:
+    return f"{kind}:{sorted(plan.items())}"
+
+
+def rows(data: dict, kind: str) -> list[dict]:
+    """One row per (method, budget) of one kind (layers and sublayers together)."""
+    bi = data["profiles"].get("block_influence[layer]")
+    out = []
+    for name, m in data["methods"].items():
+        if (m["kind"] == "heads") != (kind == "heads"):
+            continue
+        for budget, b in m["budgets"].items():
+            ev = data["evals"].get(_key(m["kind"], b["plan"]))
+            if ev is None:
+                continue
+            ratio = (b["cost"]["wall_s"] / bi["wall_s"]) if bi and bi["wall_s"] else None
+            out.append({"method": name.removeprefix("heads/"), "budget": budget, "eval": ev, "cost": b["cost"], "bi_ratio": ratio})
+    return out
+
+
+def _table(data: dict, kind: str) -> list[str]:
+    base = data["evals"]["original"]
+    budget_head = "layers dropped" if kind == "layers" else "heads pruned"
+    lines = [f"| {budget_head} | method | perplexity | ppl increase | " + " | ".join(t for _, t in TASKS)
+             + " | generative mean | wall s | fwd-equiv | x BI wall |",
+             "|---" * (9 + len(TASKS) - 2) + "|---|"]
+    lines[1] = "|" + "---|" * (8 + len(TASKS))
+    for r in sorted(rows(data, kind), key=lambda r: (float(r["budget"]), r["eval"]["perplexity"])):
+        ev = r["eval"]
+        tasks = " | ".join(f"{ev['tasks'].get(t, float('nan')):.2f}" for t, _ in TASKS)
+        ratio = f"{r['bi_ratio']:.1f}" if r["bi_ratio"] is not None else ""
+        budget = r["budget"] if kind == "layers" else f"{float(r['budget']):.0%}"
+        lines.append(f"| {budget} | {r['method']} | {ev['perplexity']:.1f} | "
+                     f"{ev['perplexity'] - base['perplexity']:+.1f} | {tasks} | {ev['generative_mean']:.2f} | "
+                     f"{r['cost']['wall_s']:.1f} | {r['cost']['forward_equivalents']:.1f} | {ratio} |")
+    return lines
+
+
+def _correlations(data: dict) -> list[str]:
+    lines = ["| scorer (profile) | units | metric | n | Spearman | Kendall |", "|---|---|---|---|---|---|"]
+    for key, c in sorted(data["correlations"].items()):
+        name, kind, metric = key.split("/")
+        lines.append(f"| {name} | {kind} | {metric} | {c['n']} | {c['spearman']:.3f} | {c['kendall']:.3f} |")
+    return lines
+
+
+def _plot(data: dict, kind: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list] = {}
+    for r in rows(data, kind):
+        by_method.setdefault(r["method"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rs in sorted(by_method.items()):
+        rs.sort(key=lambda r: float(r["budget"]))
+        x = [float(r["budget"]) for r in rs]
+        axes[0].plot(x, [r["eval"]["perplexity"] for r in rs], marker="o", label=name)
+        axes[1].plot(x, [r["eval"]["generative_mean"] for r in rs], marker="o", label=name)
+    base = data["evals"]["original"]
+    axes[0].axhline(base["perplexity"], color="grey", ls=":", label="original")
+    axes[1].axhline(base["generative_mean"], color="grey", ls=":")
+    axes[0].set_yscale("log")
+    xlabel = "layers dropped (sublayers: same parameters)" if kind == "layers" else "fraction of heads pruned"
+    for ax, title in zip(axes, ("evaluation perplexity (log)", "generative tasks, mean exact match")):
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M: {kind} removed by each scorer's plan")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(data: dict, out: Path) -> Path:
+    base = data["evals"]["original"]
+    cal, ev = data["calibration"], data["evaluation"]
+    lines = ["# Scorers compared: the plans they produce, evaluated", "",
+             "Made by `python benchmarks/scorers.py` (data: reports/scorers.json). SmolLM2-135M, fp32, "
+             f"{data['threads']} CPU threads. Calibration: {cal['n_samples']} x {cal['seq_len']} tokens of "
+             f"{cal['source']} ({cal['split']} windows). Judged on {ev['n_samples']} x {ev['seq_len']} "
+             f"{ev['split']} windows of {ev['text']} and on every item of the shipped tasks. Wall times are "
+             "noisy on a shared CPU; forward-pass equivalents (work in full forwards of one 4-window "
+             "calibration batch) are exact.", "",
+             f"Original model: perplexity {base['perplexity']:.2f}, "
+             + ", ".join(f"{t} {base['tasks'][k]:.2f}" for k, t in TASKS)
+             + f", generative mean {base['generative_mean']:.2f}.", ""]
+    for kind, title in (("layers", "Dropping layers (or the same parameters as sublayers)"),
+                        ("heads", "Pruning attention heads (free per-layer counts)")):
+        if rows(data, kind):
+            lines += [f"## {title}", "", *_table(data, kind), "", f"![{kind}](scorers-{kind}.png)", ""]
+            _plot(data, kind, out / f"scorers-{kind}.png")
+    if data["correlations"]:
+        lines += ["## Rank correlation with exact ablation", "", *_correlations(data), ""]
+    path = out / "scorers.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+    return path
