@@ -3,7 +3,9 @@
 Sources: bundled corpora (see mi_opt/corpora/SOURCES.md), the full Debian installs, a local
 .txt or .jsonl file, `synthetic:arithmetic` (task-style text generated here), or
 `hf:NAME[:CONFIG]:SPLIT` for users with a network. Several sources
-can be mixed with "+", e.g. "handbook+kjv": windows come from each part in turn.
+can be mixed with "+", e.g. "handbook+kjv": windows come from each part in turn. The prefix
+`repeat:` ("handbook+repeat:handbook") writes each window's first half twice: text that only
+in-context copying predicts well, so a profile sees the heads few-shot prompts depend on.
 
 Every window of a corpus has a fixed role: window i is an evaluation window when
 i % EVAL_EVERY == EVAL_EVERY - 1, a calibration window otherwise. The split therefore never
@@ -22,6 +24,7 @@ from mi_opt.errors import MiOptError
 CORPUS_DIR = Path(__file__).parent / "corpora"
 EVAL_EVERY = 5
 SPLITS = ("calibration", "evaluation")
+REPEAT = "repeat:"  # source prefix: windows whose first half is written twice
 BUNDLED_CORPORA = {"kjv": CORPUS_DIR / "kjv.txt", "handbook": CORPUS_DIR / "handbook.txt"}
 DEBIAN_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
 
@@ -113,11 +116,27 @@ def load_text(source: str) -> str:
         "handbook-full / kjv-full (Debian packages), a .txt/.jsonl file, or hf:NAME:SPLIT")
 
 
+def _uses_bos(tokenizer) -> bool:
+    # Models trained with a BOS token (Gemma) behave badly without one at position 0.
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def repeat_halves(windows: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Each window's text after `offset` (a BOS) cut in half and its first half written twice.
+
+    Predicting the repeat is easy only by copying from context, the job of induction heads
+    (Olsson et al., 2022), which few-shot prompts lean on and prose loss barely exercises.
+    """
+    body = windows[:, offset:]
+    half = (body.shape[1] + 1) // 2
+    return torch.cat([windows[:, :offset], body[:, :half], body[:, :body.shape[1] - half]], dim=1)
+
+
 def _all_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
-    # Models trained with a BOS token (Gemma) behave badly without one at position 0.
-    use_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    use_bos = _uses_bos(tokenizer)
     body = seq_len - 1 if use_bos else seq_len
     n = len(ids) // body
     windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
@@ -145,7 +164,10 @@ def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: s
     generator = torch.Generator().manual_seed(seed)
     pools = []
     for part in parts:
-        windows = _all_windows(tokenizer, load_text(part), seq_len)
+        repeated = part.startswith(REPEAT)
+        windows = _all_windows(tokenizer, load_text(part.removeprefix(REPEAT)), seq_len)
+        if repeated:
+            windows = repeat_halves(windows, offset=1 if _uses_bos(tokenizer) else 0)
         is_eval = (torch.arange(len(windows)) % EVAL_EVERY) == EVAL_EVERY - 1
         pool = windows[is_eval] if split == "evaluation" else windows[~is_eval]
         pools.append(pool[torch.randperm(len(pool), generator=generator)])

@@ -65,3 +65,21 @@ def test_mixed_sources_contribute_windows_in_turn(tok):
     ev = token_windows(tok, "handbook+kjv", 40, 32, split="evaluation")
     cal = {tuple(r.tolist()) for r in token_windows(tok, "handbook", 400, 32)}
     assert not any(tuple(r.tolist()) in cal for r in ev)
+
+
+def test_repeat_prefix_writes_each_windows_first_half_twice(tok):
+    plain = token_windows(tok, "handbook", 3, 17)
+    repeated = token_windows(tok, "repeat:handbook", 3, 17)
+    assert repeated.shape == plain.shape
+    assert torch.equal(repeated[:, :9], plain[:, :9])        # the first half, as it was
+    assert torch.equal(repeated[:, 9:], plain[:, :8])        # then written again
+    mixed = token_windows(tok, "handbook+repeat:handbook", 4, 17)
+    assert torch.equal(mixed[0], plain[0])                      # parts take turns: prose,
+    assert torch.equal(mixed[1, 9:], mixed[1, :8])               # then a repeated window
+
+
+def test_repeat_keeps_a_leading_bos_once():
+    from mi_opt.data import repeat_halves
+
+    windows = torch.tensor([[1, 10, 11, 12, 13, 14]])
+    assert repeat_halves(windows, offset=1).tolist() == [[1, 10, 11, 12, 10, 11]]
