@@ -63,3 +63,12 @@ def unit_scores(profile: ImportanceProfile, kind: str, metric: str) -> dict[str,
     if not keys:
         raise MiOptError(f"the profile has no {kind} scores; profile with --units including {kind!r}")
     return {k: profile.score(k, metric) for k in keys}
+
+
+def rescore_options(profile: ImportanceProfile, scorer: str) -> dict:
+    """Settings for re-scoring a shrunk model, taken from the profile the plan starts from
+    (ablation kind, batch size) where the re-scoring scorer has such options."""
+    from mi_opt.profile.scorers import SCORERS
+
+    fields = {f.name for f in dataclasses.fields(SCORERS.get(scorer).config_type)}
+    return {k: profile.method[k] for k in ("ablation", "batch_size") if k in fields and k in profile.method}

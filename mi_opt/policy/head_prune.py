@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
-from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, unit_scores
+from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, rescore_options, unit_scores
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.units import parse_unit
 
@@ -29,6 +29,8 @@ class HeadPruneConfig:
     mode: str = "uniform"                  # "uniform" (plain transformers loads it) or "free"
     metric: str = "delta_loss"
     protect_layers: list[int] = field(default_factory=list)  # free mode: layers never pruned
+    rounds: int = 1                        # > 1: prune in this many steps, re-scoring the heads left after each
+    rescore: str | None = None             # scorer of those rounds; None = the profile's own scorer
 
     def __post_init__(self):
         if (self.fraction is None) == (self.n_heads is None):
@@ -43,6 +45,12 @@ class HeadPruneConfig:
             raise MiOptError("protect_layers needs mode 'free': uniform mode prunes every layer alike")
         check_metric(self.metric)
         self.protect_layers = sorted(int(i) for i in self.protect_layers)
+        if self.rounds < 1:
+            raise MiOptError(f"rounds must be >= 1, got {self.rounds}")
+        if self.rescore is not None:
+            from mi_opt.profile.scorers import SCORERS
+
+            SCORERS.get(self.rescore)  # an unknown name fails now, with suggestions
 
 
 @dataclass(frozen=True)
@@ -167,10 +175,54 @@ def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanC
 
 
 def plan_head_prune(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext) -> CompressionPlan:
-    prune = choose_heads(profile, config, ctx)
+    if config.rounds > 1:
+        prune, rounds = prune_in_rounds(profile, config, ctx)
+    else:
+        prune, rounds = choose_heads(profile, config, ctx), []
     budget = {"fraction": config.fraction} if config.fraction is not None else {"n_heads": config.n_heads}
     return CompressionPlan(model={}, prune_heads=prune, head_mode=config.mode, budget=budget,
-                           predicted=ctx.cost.predicted([], prune))
+                           predicted=ctx.cost.predicted([], prune), planner={"rounds": rounds} if rounds else {})
+
+
+def prune_in_rounds(profile: ImportanceProfile, config: HeadPruneConfig,
+                    ctx: PlanContext) -> tuple[dict[int, list[int]], list[dict]]:
+    """Prune toward the budget in `config.rounds` steps; after each step the heads left are
+    re-scored in the pruned model, where their roles may have changed. Every round plans on the
+    original model's heads: pruned heads score -1e9 (removed again first), the rest their
+    latest score, so the final plan applies to the original model like any other."""
+    import copy
+    import dataclasses
+
+    from mi_opt.profile.importance import UnitScore
+    from mi_opt.profile.scorers import run_scorer
+    from mi_opt.surgery.heads import prune_heads_
+
+    if ctx.windows is None:
+        raise MiOptError("head pruning in rounds re-scores the pruned model and needs calibration windows: pass "
+                         "windows= to make_plan (the CLI rebuilds them from the profile's calibration)")
+    scorer = config.rescore or profile.method.get("scorer", "ablation")
+    options = rescore_options(profile, scorer)
+    total = choose_heads(profile, dataclasses.replace(config, rounds=1), ctx)
+    n_total = sum(len(v) for v in total.values())
+    current, prune, rounds = profile, {}, []
+    for r in range(1, config.rounds + 1):
+        step = dataclasses.replace(config, fraction=None, n_heads=round(n_total * r / config.rounds), rounds=1,
+                                   mode=config.mode if r == config.rounds else "free")
+        prune = choose_heads(current, step, ctx)
+        rounds.append({"n_heads": step.n_heads, "pruned": {str(k): v for k, v in prune.items()}})
+        if r == config.rounds:
+            break
+        work = copy.deepcopy(ctx.model)
+        layouts = prune_heads_(work, prune, mode="free")
+        fresh = run_scorer(scorer, work, ctx.windows, {"unit_kinds": ("head",), **options}, progress=ctx.progress)
+        rounds[-1]["cost"] = fresh.cost
+        scores = {key: UnitScore(-1e9, None, -1e9, None) for key in profile.units("head")}
+        for key in fresh.units("head"):
+            unit = parse_unit(key)
+            original = layouts[unit.layer].keep_heads[unit.index] if unit.layer in layouts else unit.index
+            scores[f"L{unit.layer}.H{original}"] = fresh.scores[key]
+        current = dataclasses.replace(profile, scores=scores)
+    return prune, rounds
 
 
 PLANNERS.register("head-prune")(Planner(HeadPruneConfig, plan_head_prune,

@@ -17,7 +17,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
 from mi_opt.policy.latency import measure_layer_latency
 from mi_opt.policy.layer_search import beam, greedy
-from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, unit_scores
+from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, rescore_options, unit_scores
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.units import parse_unit
 
@@ -110,14 +110,6 @@ def _layer_scores(profile: ImportanceProfile, metric: str) -> dict[int, float]:
     return {parse_unit(k).layer: v for k, v in unit_scores(profile, "layer", metric).items()}
 
 
-def _rescore_options(profile: ImportanceProfile, scorer: str) -> dict:
-    """Re-scoring settings taken from the profile the plan starts from, where the scorer has them."""
-    from mi_opt.profile.scorers import SCORERS
-
-    fields = {f.name for f in dataclasses.fields(SCORERS.get(scorer).config_type)}
-    return {k: profile.method[k] for k in ("ablation", "batch_size") if k in fields and k in profile.method}
-
-
 def _search(profile: ImportanceProfile, config: LayerSkipConfig, ctx: PlanContext) -> tuple[list[int], list]:
     if ctx.windows is None:
         raise MiOptError("iterative and beam layer-skip re-score the model as it shrinks and need calibration "
@@ -130,13 +122,13 @@ def _search(profile: ImportanceProfile, config: LayerSkipConfig, ctx: PlanContex
         if depth > len(pool):
             raise _cannot_meet(config, ctx, len(pool))
         return beam(pool, depth, config.beam_width, ctx.model, ctx.windows,
-                    _rescore_options(profile, "ablation"), config.candidates, ctx.progress)
+                    rescore_options(profile, "ablation"), config.candidates, ctx.progress)
 
     def choose(scores: dict[int, float], dropped: list[int]) -> list[int]:
         return choose_layers(scores, config, ctx, already=dropped, limit=config.step)
 
     return greedy(_layer_scores(profile, config.metric), pool, choose, lambda d: _done(d, config, ctx), ctx.model,
-                  ctx.windows, config.rescore, _rescore_options(profile, config.rescore), config.metric,
+                  ctx.windows, config.rescore, rescore_options(profile, config.rescore), config.metric,
                   config.candidates, ctx.progress)
 
 

@@ -128,3 +128,33 @@ def test_planner_reads_kv_group_units_from_the_profile():
                                progress=False)
     plan = make_plan(profile, "head-prune", {"fraction": 0.5, "mode": "uniform"}, model=model)
     assert sum(len(v) for v in plan.prune_heads.values()) == 8
+
+
+def test_pruning_in_rounds_rescores_the_pruned_model():
+    import copy
+
+    from tiny import tiny_windows
+
+    from mi_opt.profile.ablation import AblationConfig, profile_ablation
+    from mi_opt.surgery.heads import prune_heads_
+
+    model, windows = tiny_model("llama"), tiny_windows(4, 16)
+    profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("head",)), progress=False)
+    plan = make_plan(profile, "head-prune", {"fraction": 0.5, "mode": "free", "rounds": 2}, model,
+                     windows=windows, progress=False)
+    first, second = plan.planner["rounds"]
+    n_total = sum(len(v) for v in plan.prune_heads.values())
+    assert first["n_heads"] == round(n_total / 2) and second["n_heads"] == n_total
+    # Round 1's heads are pruned again (they score -1e9 in round 2) ...
+    assert all(set(v) <= set(plan.prune_heads.get(int(k), [])) for k, v in first["pruned"].items())
+    # ... and round 2 chose by the scores of the model pruned in round 1.
+    work = copy.deepcopy(model)
+    prune_heads_(work, {int(k): v for k, v in first["pruned"].items()}, mode="free")
+    fresh = profile_ablation(work, windows, AblationConfig(unit_kinds=("head",)), progress=False)
+    one_shot = make_plan(profile, "head-prune", {"fraction": 0.5, "mode": "free"}, model)
+    assert first["cost"]["n_units"] == len(fresh.units("head"))
+    assert apply_(tiny_model("llama"), plan) is not None and one_shot.prune_heads  # both apply
+    with pytest.raises(MiOptError, match="needs calibration windows"):
+        make_plan(profile, "head-prune", {"fraction": 0.5, "mode": "free", "rounds": 2}, model)
+    with pytest.raises(MiOptError, match="rounds must be >= 1"):
+        make_plan(profile, "head-prune", {"fraction": 0.5, "rounds": 0}, model)
