@@ -213,18 +213,35 @@ def _layer_params(model) -> int:
     return sum(p.numel() for p in model.model.layers[0].parameters())
 
 
-def head_methods(bench: Bench, model, windows) -> None:
+def head_methods(bench: Bench, model, windows, copy_windows) -> None:
     have = bench.data["methods"]
 
-    def one_shot(name, prof_name, desc, metric="kl", extra=None):
+    def one_shot(name, prof_name, desc, metric="kl", extra=None, data=windows):
         name = f"heads/{name}"  # the same scorer names as the layer methods, kept apart
         if name in have:
             return
-        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, windows,
+        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, data,
                                                             {"unit_kinds": ("head",), **(extra or {})}))
         budgets = {f"{f:.2f}": {"plan": {"prune": {str(k): v for k, v in make_plan(
             prof, "head-prune", {"fraction": f, "mode": "free", "metric": metric}, model,
             progress=False).prune_heads.items()}}, "cost": bench.cost_of(prof_name)} for f in HEAD_BUDGETS}
+        bench.method(name, "heads", desc, budgets)
+
+    def in_rounds(name, prof_name, desc, rounds, data):
+        name = f"heads/{name}"
+        if name in have:
+            return
+        prof = bench.profile(prof_name, None)  # made by a one-shot method above
+        budgets = {}
+        for f in HEAD_BUDGETS:
+            plan = make_plan(prof, "head-prune", {"fraction": f, "mode": "free", "metric": "kl", "rounds": rounds},
+                             model, windows=data, progress=False)
+            extra = [r["cost"] for r in plan.planner["rounds"] if "cost" in r]
+            cost = bench.cost_of(prof_name)
+            budgets[f"{f:.2f}"] = {"plan": {"prune": {str(k): v for k, v in plan.prune_heads.items()}}, "cost": {
+                "wall_s": round(cost["wall_s"] + sum(c["wall_time_s"] for c in extra), 2),
+                "forward_equivalents": round(cost["forward_equivalents"]
+                                             + sum(measured_forward_equivalents(c) for c in extra), 2)}}
         bench.method(name, "heads", desc, budgets)
 
     for seed in range(bench.args.random_seeds):
@@ -235,27 +252,36 @@ def head_methods(bench: Bench, model, windows) -> None:
              metric="delta_loss")
     one_shot("ablation (KL)", "ablation[head]", "exact zero ablation, KL")
     one_shot("ablation (delta loss)", "ablation[head]", "exact zero ablation, calibration loss", metric="delta_loss")
+    in_rounds("attribution (KL), 3 rounds", "attribution[head]", "attribution patching, KL, pruning in 3 steps "
+              "with the remaining heads re-scored after each", 3, data=windows)
+    in_rounds("ablation (KL), 2 rounds", "ablation[head]", "exact ablation, KL, pruning in 2 steps with the "
+              "remaining heads re-scored after the first", 2, data=windows)
+    one_shot("ablation (KL), prose + repeated prose", "ablation[head,repeat]",
+             "exact zero ablation, KL, on calibration windows of which every other one repeats its first half "
+             "(in-context copying, what few-shot prompts use)", data=copy_windows)
+    one_shot("attribution (KL), prose + repeated prose", "attribution[head,repeat]",
+             "attribution patching, KL, on the same prose + repeated-prose windows", data=copy_windows)
 
 
 def correlations(bench: Bench) -> None:
+    """Spearman and Kendall of every cached profile against exact ablation on the same windows."""
     from scipy.stats import kendalltau, spearmanr
 
-    cache = bench.args.cache
-    for kind in ("layer", "head"):
-        ref_path = cache / f"ablation[{kind}].json"
-        if not ref_path.exists():
+    for path in sorted(bench.args.cache.glob("*.json")):
+        prof = ImportanceProfile.load(path)
+        kind = "head" if prof.units("head") else "layer"
+        reference = bench.args.cache / f"ablation[{kind}{',repeat' if 'repeat' in path.stem else ''}].json"
+        if path == reference or not reference.exists():
             continue
-        ref = ImportanceProfile.load(ref_path)
-        for path in sorted(cache.glob(f"*[[]{kind}*].json")) + sorted(cache.glob("*[[]seed*].json")):
-            prof = ImportanceProfile.load(path)
-            keys = ref.units(kind)
-            if path == ref_path or not all(k in prof.scores for k in keys):
-                continue
-            for metric in ("kl", "delta_loss"):
-                a, b = [prof.score(k, metric) for k in keys], [ref.score(k, metric) for k in keys]
-                bench.data["correlations"][f"{path.stem}/{kind}/{metric}"] = {
-                    "n": len(keys), "spearman": round(float(spearmanr(a, b)[0]), 4),
-                    "kendall": round(float(kendalltau(a, b)[0]), 4)}
+        ref = ImportanceProfile.load(reference)
+        keys = ref.units(kind)
+        if not all(k in prof.scores for k in keys):
+            continue
+        for metric in ("kl", "delta_loss"):
+            a, b = [prof.score(k, metric) for k in keys], [ref.score(k, metric) for k in keys]
+            bench.data["correlations"][f"{path.stem}/{kind}/{metric}"] = {
+                "n": len(keys), "spearman": round(float(spearmanr(a, b)[0]), 4),
+                "kendall": round(float(kendalltau(a, b)[0]), 4)}
     bench.save()
 
 
@@ -276,7 +302,9 @@ def main(argv=None) -> int:
             layer_methods(bench, model, windows)
             evaluate_plans(bench, model, tok, config)
         if args.part in ("all", "heads"):
-            head_methods(bench, model, windows)
+            copy_windows = token_windows(tok, f"{args.calib_source}+repeat:{args.calib_source}", args.calib_samples,
+                                         args.seq_len, split="calibration")
+            head_methods(bench, model, windows, copy_windows)
             evaluate_plans(bench, model, tok, config)
         correlations(bench)
     render(bench.data, args.out)
