@@ -46,3 +46,13 @@ def test_bad_arguments_are_user_errors():
         estimate(shape, [0], 4, 8, engine="fastest")
     with pytest.raises(MiOptError, match="n_gpus"):
         estimate(shape, [0], 4, 8, n_gpus=0)
+
+
+def test_measured_forward_equivalents_compares_scorers_on_one_scale():
+    from mi_opt.profile.cost import measured_forward_equivalents
+
+    assert measured_forward_equivalents({"full_forward_equivalents": 16.5}) == 16.5
+    assert measured_forward_equivalents({"full_forward_equivalents": 16.5, "mean_pass_forwards": 2}) == 18.5
+    assert measured_forward_equivalents({"forwards": 2, "backwards": 4}) == 10.0   # attribution: 2 + 2 x 4
+    assert measured_forward_equivalents({"forwards": 2, "backwards": 0}) == 2.0    # block influence
+    assert measured_forward_equivalents({"wall_time_s": 0.0}) == 0.0               # data-free scorers
