@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
+    p.add_argument("--kl-samples", type=int, default=1, help="attribution's Hutchinson probes per batch (KL estimate)")
     p.add_argument("--skip-sublayers", action="store_true", help="do not ablate attn/mlp sublayers exactly")
     p.add_argument("--head-layer-stride", type=int, default=1,
                    help="ablate exactly only the heads of every k-th layer (the exact head sweep dominates the cost)")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--head-layer-stride must be >= 1")
     result = {"schema": "mi-opt/benchmark-attribution-vs-ablation", "version": 1, "model": "smollm2-135m",
               "calibration": {**calibration, "n_samples": args.n_samples, "seq_len": args.seq_len},
-              "ablation": args.ablation, "head_layer_stride": args.head_layer_stride, "machine": machine(), "versions": versions(),
+              "ablation": args.ablation, "kl_samples": args.kl_samples, "head_layer_stride": args.head_layer_stride, "machine": machine(), "versions": versions(),
               "note": "CPU shared with other jobs while measured: wall times are noisy; counts are exact.",
               "costs": {}, "correlations": {}}
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return prof
 
     abl_opts = {"ablation": args.ablation}
-    attribution = score("attribution", ("layer", "attn", "mlp", "head"), **abl_opts)
+    attribution = score("attribution", ("layer", "attn", "mlp", "head"), kl_samples=args.kl_samples, **abl_opts)
     baselines = {name: score(name, ("layer",)) for name in ("block_influence", "angular_distance")}
     magnitude = score("weight_magnitude", ("layer", "attn", "mlp", "head"))
     exact = {"layer": score("ablation", ("layer",), **abl_opts)}
