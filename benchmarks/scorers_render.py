@@ -61,12 +61,18 @@ def _plot(data: dict, kind: str, path: Path) -> None:
     by_method: dict[str, list] = {}
     for r in rows(data, kind):
         by_method.setdefault(r["method"], []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, rs in sorted(by_method.items()):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab20").colors
+    budgets = sorted({float(r["budget"]) for rs in by_method.values() for r in rs})
+    for n, (name, rs) in enumerate(sorted(by_method.items())):
         rs.sort(key=lambda r: float(r["budget"]))
         x = [float(r["budget"]) for r in rs]
-        axes[0].plot(x, [r["eval"]["perplexity"] for r in rs], marker="o", label=name)
-        axes[1].plot(x, [r["eval"]["generative_mean"] for r in rs], marker="o", label=name)
+        style = {"marker": "osD^v<>"[n % 7], "ls": ("-", "--", ":")[n // 7 % 3], "color": colors[n % 20],
+                 "label": name}
+        axes[0].plot(x, [r["eval"]["perplexity"] for r in rs], **style)
+        axes[1].plot(x, [r["eval"]["generative_mean"] for r in rs], **style)
+    for ax in axes:
+        ax.set_xticks(budgets, [f"{b:g}" if kind != "heads" else f"{b:.0%}" for b in budgets])
     base = data["evals"]["original"]
     axes[0].axhline(base["perplexity"], color="grey", ls=":", label="original")
     axes[1].axhline(base["generative_mean"], color="grey", ls=":")
@@ -75,7 +81,7 @@ def _plot(data: dict, kind: str, path: Path) -> None:
     for ax, title in zip(axes, ("evaluation perplexity (log)", "generative tasks, mean exact match")):
         ax.set_xlabel(xlabel)
         ax.set_title(title)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"SmolLM2-135M: {kind} removed by each scorer's plan")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
