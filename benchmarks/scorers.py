@@ -1,6 +1,6 @@
 """Which scorer picks the parts to remove best? Every scorer's plan, at equal budget, evaluated.
 
-    python benchmarks/scorers.py                  # full run (about 1.5 h on 2 CPU cores)
+    python benchmarks/scorers.py                  # full run (about 1.5 h on 2 CPU cores, resumable)
     python benchmarks/scorers.py --part layers    # only the layer-dropping half
     python benchmarks/scorers.py --render         # rewrite reports/scorers.md and plots from scorers.json
 
@@ -140,27 +140,26 @@ def summarize(result, model) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def layer_methods(bench: Bench, model, windows) -> None:
+def layer_methods(bench: Bench, model, windows, copy_windows) -> None:
     bs = {"batch_size": 4}
     have = bench.data["methods"]
-    n = model.config.num_hidden_layers
 
-    def one_shot(name, prof_name, desc, metric="kl", extra=None):
+    def one_shot(name, prof_name, desc, metric="kl", extra=None, data=windows):
         if name in have:
             return
-        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, windows,
+        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, data,
                                                             {"unit_kinds": ("layer",), **(extra or {})}))
         budgets = {str(k): {"plan": {"drop": make_plan(prof, "layer-skip", {"n_drop": k, "metric": metric},
                                                       model, progress=False).drop_layers},
                             "cost": bench.cost_of(prof_name)} for k in LAYER_BUDGETS}
         bench.method(name, "layers", desc, budgets)
 
-    def searched(name, prof_name, desc, options):
+    def searched(name, prof_name, desc, options, data=windows):
         if name in have:
             return
-        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, windows,
+        prof = bench.profile(prof_name, lambda: run_scorer(prof_name.split("[")[0], model, data,
                                                             {"unit_kinds": ("layer",), **bs}))
-        plan = make_plan(prof, "layer-skip", {"n_drop": max(LAYER_BUDGETS), **options}, model, windows=windows)
+        plan = make_plan(prof, "layer-skip", {"n_drop": max(LAYER_BUDGETS), **options}, model, windows=data)
         rounds = plan.planner["rounds"]
         base = bench.cost_of(prof_name) if options.get("beam_width", 1) == 1 else {"wall_s": 0, "forward_equivalents": 0}
         budgets = {}
@@ -206,7 +205,18 @@ def layer_methods(bench: Bench, model, windows) -> None:
                      "6 lowest re-scored exactly per round; same parameters as k whole layers",
                      sublayer_search(model, windows, [k * _layer_params(model) for k in LAYER_BUDGETS],
                                      [str(k) for k in LAYER_BUDGETS], candidates=6))
-    del n
+    # The same, scored on prose + repeated prose (in-context copying, which few-shot prompts use).
+    one_shot("block influence, prose + repeated prose", "block_influence[layer,repeat]",
+             "block influence on prose + repeated-prose windows", data=copy_windows)
+    one_shot("ablation (KL), prose + repeated prose", "ablation[layer,repeat]",
+             "exact ablation, KL, on prose + repeated-prose windows", data=copy_windows)
+    searched("ablation (KL), iterative, prose + repeated prose", "ablation[layer,repeat]",
+             "exact ablation, KL, re-scored after each drop, on prose + repeated-prose windows",
+             {"iterative": True, "metric": "kl"}, data=copy_windows)
+    searched("BI + exact boundary, iterative, prose + repeated prose", "block_influence[layer,repeat]",
+             "block influence ranks, exact ablation (KL) of the 4 lowest-ranked per round, on prose + "
+             "repeated-prose windows", {"iterative": True, "rescore": "ablation", "metric": "kl", "candidates": 4},
+             data=copy_windows)
 
 
 def _layer_params(model) -> int:
@@ -298,12 +308,12 @@ def main(argv=None) -> int:
         if "original" not in bench.data["evals"]:
             bench.data["evals"]["original"] = summarize(evaluate(model, tok, config, progress=False), model)
             bench.save()
+        copy_windows = token_windows(tok, f"{args.calib_source}+repeat:{args.calib_source}", args.calib_samples,
+                                     args.seq_len, split="calibration")
         if args.part in ("all", "layers"):
-            layer_methods(bench, model, windows)
+            layer_methods(bench, model, windows, copy_windows)
             evaluate_plans(bench, model, tok, config)
         if args.part in ("all", "heads"):
-            copy_windows = token_windows(tok, f"{args.calib_source}+repeat:{args.calib_source}", args.calib_samples,
-                                         args.seq_len, split="calibration")
             head_methods(bench, model, windows, copy_windows)
             evaluate_plans(bench, model, tok, config)
         correlations(bench)
