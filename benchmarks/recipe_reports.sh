@@ -4,7 +4,7 @@
 #   bash benchmarks/recipe_reports.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-recipes=(default prune-third-heads task-aware-arithmetic bits-4-8-mix combined)
+recipes=(default drop-quarter-layers-causal prune-third-heads task-aware-arithmetic bits-4-8-mix combined)
 paths=()
 for name in "${recipes[@]}"; do paths+=("recipes/$name.yaml"); done
 mi-opt compare-recipes "${paths[@]}" --out runs --threads 2
