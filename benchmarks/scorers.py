@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--part", choices=("all", "layers", "heads"), default="all")
     p.add_argument("--render", action="store_true", help="only rewrite the report from scorers.json")
+    p.add_argument("--note", action="append", default=[], help="a remark on how this run was made, kept in the report")
     p.add_argument("--out", type=Path, default=REPORTS)
     p.add_argument("--cache", type=Path, default=Path("runs/bench-scorers"), help="profiles, for resuming")
     return p.parse_args(argv)
@@ -298,6 +299,9 @@ def correlations(bench: Bench) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
+    if args.note:
+        bench.data.setdefault("notes", []).extend(args.note)
+        bench.save()
     if not args.render:
         torch.set_num_threads(args.threads)
         model, tok = load_model(args.model)

@@ -106,6 +106,8 @@ def render(data: dict, out: Path) -> Path:
         if rows(data, kind):
             lines += [f"## {title}", "", *_table(data, kind), "", f"![{kind}](scorers-{kind}.png)", ""]
             _plot(data, kind, out / f"scorers-{kind}.png")
+    if data.get("notes"):
+        lines += ["## Notes on this run", "", *[f"- {n}" for n in data["notes"]], ""]
     if data["correlations"]:
         lines += ["## Rank correlation with exact ablation", "", *_correlations(data), ""]
     path = out / "scorers.md"
