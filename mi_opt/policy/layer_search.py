@@ -108,29 +108,29 @@ def beam(pool: list[int], depth: int, width: int, model, windows: torch.Tensor, 
          candidates: int | None, progress: bool) -> tuple[list[int], list[dict]]:
     """Best set of `depth` layers from `pool` by calibration loss, by beam search of `width`."""
     work = _Work()
-    states: list[tuple[float, tuple[int, ...], dict[int, float]]] = [(0.0, (), {})]
+    states: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
+    starting: dict[int, float] = {}  # depth 1's scores of every layer: they rank the candidates later
     rounds: list[dict] = []
     n_layers = get_adapter(model).n_layers()
     with tqdm(total=depth * width, desc=f"beam search (width {width})", unit="state", disable=not progress) as bar:
         for d in range(1, depth + 1):
             expansions: dict[tuple[int, ...], float] = {}
-            scores_of: dict[tuple[int, ...], dict[int, float]] = {}
-            for _, dropped, parent_scores in states:
+            for _, dropped in states:
                 alive = [i for i in range(n_layers) if i not in dropped]
-                remaining = sorted((i for i in pool if i not in dropped),
-                                   key=lambda i: (parent_scores.get(i, 0.0), i))
-                only = remaining[:candidates] if candidates and parent_scores else remaining
+                remaining = sorted((i for i in pool if i not in dropped), key=lambda i: (starting.get(i, 0.0), i))
+                only = remaining[:candidates] if candidates and starting else remaining
                 shrunk = _without(copy.deepcopy(model), list(range(n_layers)), list(dropped))
                 scores, base_loss = rescore(shrunk, alive, only, windows, "ablation", options, "delta_loss", work)
+                if not starting:
+                    starting = dict(scores)
                 for i, s in scores.items():
                     key = tuple(sorted(dropped + (i,)))
-                    if base_loss + s < expansions.get(key, float("inf")):
-                        expansions[key], scores_of[key] = base_loss + s, scores
+                    expansions[key] = min(expansions.get(key, float("inf")), base_loss + s)
                 bar.update(1)
             best = sorted(expansions, key=lambda k: (expansions[k], k))[:width]
             if not best:
                 raise MiOptError(f"beam search ran out of candidate layers at depth {d}")
-            states = [(expansions[k], k, scores_of[k]) for k in best]
+            states = [(expansions[k], k) for k in best]
             rounds.append({"depth": d, "best": list(states[0][1]), "calibration_loss": round(states[0][0], 6),
                            "beam": [{"drop": list(k), "calibration_loss": round(expansions[k], 6)} for k in best],
                            "forward_equivalents": round(work.forward_equivalents, 3), "wall_s": round(work.wall_s, 2)})

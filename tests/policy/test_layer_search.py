@@ -120,3 +120,20 @@ def test_bad_search_options_raise(setup):
         make_plan(profile, "layer-skip", {"n_drop": 1, "beam_width": 2}, model)
     with pytest.raises(MiOptError, match="target_latency_fraction must be in"):
         make_plan(profile, "layer-skip", {"target_latency_fraction": 1.5}, model)
+
+
+def test_beam_candidates_come_from_the_first_full_ranking(setup):
+    model, windows, _ = setup
+    _, rounds = beam(list(range(4)), 3, 2, model, windows, {}, 2, progress=False)
+    first = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer",)), progress=False)
+    rank = {i: (first.score(f"L{i}"), i) for i in range(4)}
+    for parents, children in zip(rounds, rounds[1:]):
+        for child in children["beam"]:
+            # Each state extends a parent by one of the 2 layers ranked lowest at depth 1 among those left.
+            extends = []
+            for parent in parents["beam"]:
+                added = set(child["drop"]) - set(parent["drop"])
+                left = sorted((i for i in range(4) if i not in parent["drop"]), key=rank.get)
+                if set(parent["drop"]) <= set(child["drop"]) and added <= set(left[:2]):
+                    extends.append(parent)
+            assert extends, (child, parents["beam"])
