@@ -28,6 +28,7 @@ from mi_opt.data import token_windows
 from mi_opt.evaluate import EvalConfig, evaluate
 from mi_opt.models import load_model
 from mi_opt.policy import make_plan
+from mi_opt.policy.cost import ModelCost
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
 from mi_opt.profile.baselines import best_block
 from mi_opt.profile.cost import measured_forward_equivalents
@@ -221,7 +222,7 @@ def layer_methods(bench: Bench, model, windows, copy_windows) -> None:
 
 
 def _layer_params(model) -> int:
-    return sum(p.numel() for p in model.model.layers[0].parameters())
+    return ModelCost.from_model(model).layer_params[0]
 
 
 def head_methods(bench: Bench, model, windows, copy_windows) -> None:

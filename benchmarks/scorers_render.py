@@ -1,6 +1,7 @@
 """reports/scorers.md and its plots, from the scorer benchmark's JSON (see scorers.py)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 TASKS = (("miopt_facts_mc", "facts MC"), ("miopt_arithmetic", "arith"), ("miopt_capitals", "capitals"))
@@ -41,6 +42,31 @@ def _table(data: dict, kind: str) -> list[str]:
         lines.append(f"| {budget} | {r['method']} | {ev['perplexity']:.1f} | "
                      f"{ev['perplexity'] - base['perplexity']:+.1f} | {tasks} | {ev['generative_mean']:.2f} | "
                      f"{r['cost']['wall_s']:.1f} | {r['cost']['forward_equivalents']:.1f} | {ratio} |")
+    return lines
+
+
+def _summary(data: dict, kind: str) -> list[str]:
+    """Per method: geometric mean over the budgets of the perplexity increase, its ratio to block
+    influence's, and the mean generative score: one line to rank methods that win at different budgets."""
+    by_method: dict[str, list] = {}
+    for r in rows(data, kind):
+        by_method.setdefault(r["method"], []).append(r)
+    base = data["evals"]["original"]["perplexity"]
+    n_budgets = max(len(rs) for rs in by_method.values())
+
+    def geomean(rs) -> float:
+        return math.exp(sum(math.log(max(r["eval"]["perplexity"] - base, 1e-9)) for r in rs) / len(rs))
+
+    full = {name: rs for name, rs in by_method.items() if len(rs) == n_budgets}
+    reference = full.get("block influence (ShortGPT)")
+    lines = ["| method | geometric-mean ppl increase | x block influence's | mean generative score | x BI wall |",
+             "|---|---|---|---|---|"]
+    for name, rs in sorted(full.items(), key=lambda kv: geomean(kv[1])):
+        ratio = f"{geomean(rs) / geomean(reference):.2f}" if reference else ""
+        walls = [r["bi_ratio"] for r in rs if r["bi_ratio"] is not None]
+        wall = f"{min(walls):.0f}-{max(walls):.0f}" if walls else ""
+        lines.append(f"| {name} | {geomean(rs):.1f} | {ratio} | "
+                     f"{sum(r['eval']['generative_mean'] for r in rs) / len(rs):.2f} | {wall} |")
     return lines
 
 
@@ -104,7 +130,8 @@ def render(data: dict, out: Path) -> Path:
     for kind, title in (("layers", "Dropping layers (or the same parameters as sublayers)"),
                         ("heads", "Pruning attention heads (free per-layer counts)")):
         if rows(data, kind):
-            lines += [f"## {title}", "", *_table(data, kind), "", f"![{kind}](scorers-{kind}.png)", ""]
+            lines += [f"## {title}", "", *_table(data, kind), "", f"![{kind}](scorers-{kind}.png)", "",
+                      "Summary over the budgets:", "", *_summary(data, kind), ""]
             _plot(data, kind, out / f"scorers-{kind}.png")
     if data.get("notes"):
         lines += ["## Notes on this run", "", *[f"- {n}" for n in data["notes"]], ""]
