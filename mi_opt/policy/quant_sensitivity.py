@@ -139,6 +139,9 @@ class _Reference:
         self.targets = ids[:, 1:].to(logp.device)
         self.probs = logp.exp()
         self.neg_entropy = (self.probs * logp).sum(-1)
+        # fp32 probabilities sum to 1 only within ~1e-5; times an lse of ~30 nats that would
+        # bias every KL by ~-2e-4, so the lse term is weighted by the actual mass.
+        self.mass = self.probs.sum(-1)
         self.nll = -logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
         self.adapter, self.chunk_rows = adapter, chunk_rows
 
@@ -150,7 +153,7 @@ class _Reference:
             logits = self.adapter.logits(final_hidden[rows, :-1]).float()
             lse = torch.logsumexp(logits, dim=-1)
             # KL(p||q) = sum p log p - sum p log q, with log q = z - lse(z).
-            kl.append(self.neg_entropy[rows] - (self.probs[rows] * logits).sum(-1) + lse)
+            kl.append(self.neg_entropy[rows] - (self.probs[rows] * logits).sum(-1) + self.mass[rows] * lse)
             nll.append(lse - logits.gather(-1, self.targets[rows].unsqueeze(-1)).squeeze(-1))
         return (torch.cat(nll).mean() - self.nll.mean()).item(), torch.cat(kl).mean().item()
 

@@ -108,3 +108,20 @@ def test_bad_config():
     with pytest.raises(MiOptError, match="unknown unit kind"):
         profile_ablation(tiny_model("llama"), tiny_windows(2, 8), AblationConfig(unit_kinds=("neurons",)),
                          progress=False)
+
+
+
+def test_clean_reference_scores_the_clean_run_as_zero_kl_when_fp32_mass_is_not_one(monkeypatch):
+    from policy.test_bits import exp_with_mass
+
+    from mi_opt.profile.ablation import _CleanReference
+
+    adapter, ids = get_adapter(tiny_model("llama")), tiny_windows(4, 16)
+    with torch.inference_mode():
+        final = adapter.decoder()(ids, use_cache=False).last_hidden_state
+        monkeypatch.setattr(torch.Tensor, "exp", exp_with_mass(1 + 1e-4))
+        ref = _CleanReference(adapter, final, ids, chunk=16)
+        monkeypatch.undo()
+        assert ref.linear                                     # the folded p @ W path
+        _, kl = ref.score(final)
+    assert kl.abs().max() < 1e-6   # without the mass weighting: -1e-4 * lse, about -7e-4
