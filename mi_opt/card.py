@@ -46,7 +46,9 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None) 
             widths[b] = widths.get(b, 0) + 1
         lines.append("- Quantized with bitsandbytes: " + ", ".join(
             f"{c} modules at {b} bit" for b, c in sorted(widths.items()))
-            + (f" (4-bit format {quant.get('quant_type')})" if 4 in widths else "") + "; the rest full precision.")
+            + (f" (4-bit format {quant.get('quant_type')})" if 4 in widths else "")
+            + (f" (int8 with LLM.int8 outlier threshold {quant.get('int8_threshold')})" if 8 in widths else "")
+            + "; the rest full precision.")
     if plan.is_empty():
         lines.append("- Nothing: the plan was empty.")
     lines += ["", f"Layers: {sidecar['n_layers']}; query heads per layer: {[h for h, _ in sidecar['heads']]}; "

@@ -29,6 +29,7 @@ class CompressionPlan(JsonArtifact):
     # path relative to the layer, e.g. "L3.self_attn.q_proj"), "embed", "lm_head". Missing = 16.
     bits: dict[str, int] = field(default_factory=dict)
     quant_type: str = "nf4"                               # 4-bit format: "nf4" or "fp4"
+    int8_threshold: float = 6.0                           # LLM.int8 outlier threshold (0 = pure int8)
     budget: dict = field(default_factory=dict)            # what the planner was asked for
     predicted: dict = field(default_factory=dict)         # parameters, bytes after the plan
     planner: dict = field(default_factory=dict)           # planner name and its config
@@ -46,6 +47,8 @@ class CompressionPlan(JsonArtifact):
             raise MiOptError(f"bit widths must be in {BIT_WIDTHS}; got {bad}")
         if self.quant_type not in ("nf4", "fp4"):
             raise MiOptError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+            raise MiOptError(f"int8_threshold must be a number >= 0, got {self.int8_threshold!r}")
 
     def is_empty(self) -> bool:
         return not (self.drop_layers or self.prune_heads or any(b < 16 for b in self.bits.values()))

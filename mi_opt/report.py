@@ -64,7 +64,8 @@ def plan_summary(plan: CompressionPlan, n_layers: int) -> list[str]:
         by_width = {}
         for key, b in quantized.items():
             by_width.setdefault(b, []).append(key)
-        lines += [f"{b}-bit ({plan.quant_type if b == 4 else 'int8'}): {', '.join(sorted(keys, key=_key_order))}."
+        fmt = {4: plan.quant_type, 8: f"int8, outlier threshold {plan.int8_threshold}"}
+        lines += [f"{b}-bit ({fmt[b]}): {', '.join(sorted(keys, key=_key_order))}."
                   for b, keys in sorted(by_width.items())]
     predicted = plan.predicted
     if predicted.get("parameters") and predicted.get("parameters_before"):

@@ -27,7 +27,7 @@ from mi_opt.plan import CompressionPlan
 from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric
 from mi_opt.policy.quant_sensitivity import GRANULARITIES, QuantSensitivity, measure_quant_sensitivity
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.surgery.quantize import QUANT_TYPES, is_tied
+from mi_opt.surgery.quantize import INT8_THRESHOLD, QUANT_TYPES, check_int8_threshold, is_tied
 from mi_opt.units import parse_unit
 
 SCORES = ("sensitivity", "importance")
@@ -44,6 +44,7 @@ class BitsConfig:
     granularity: str = "layer"             # "layer": one width per layer; "module": per linear
     metric: str = "kl"                     # damage to minimize: "kl" or "delta_loss"
     quant_type: str = "nf4"                # 4-bit format
+    int8_threshold: float = INT8_THRESHOLD # LLM.int8 outlier threshold for the 8-bit modules (0 = pure int8)
     score: str = "sensitivity"             # "sensitivity" (measured quantization damage) or "importance"
     sensitivity: str | None = None         # saved quant-sensitivity JSON; measured when None
     batch_size: int = 4                    # calibration windows per forward when measuring
@@ -65,6 +66,7 @@ class BitsConfig:
         check_metric(self.metric)
         if self.quant_type not in QUANT_TYPES:
             raise MiOptError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        self.int8_threshold = check_int8_threshold(self.int8_threshold)
         if self.score not in SCORES:
             raise MiOptError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.score == "importance" and self.granularity != "layer":
@@ -171,6 +173,10 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
         if fp and sens.model.get("fingerprint") not in (None, fp):
             raise MiOptError(f"{config.sensitivity} was measured on model {sens.model.get('fingerprint')}, the "
                              f"profile on {fp}: measure sensitivity on the same model")
+        if sens.method.get("int8_threshold", 0.0) != config.int8_threshold and 8 in config.widths:
+            raise MiOptError(f"{config.sensitivity} measured int8 with outlier threshold "
+                             f"{sens.method.get('int8_threshold', 0.0)}, the config asks for {config.int8_threshold}: "
+                             "measure sensitivity with the same int8_threshold")
         if sens.method.get("granularity") != config.granularity:
             raise MiOptError(f"{config.sensitivity} has {sens.method.get('granularity')} granularity, the config "
                              f"asks for {config.granularity}")
@@ -180,7 +186,7 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
                              "windows= to make_plan, or a saved sensitivity file as sensitivity=")
         sens = measure_quant_sensitivity(ctx.model, ctx.windows, tuple(w for w in config.widths if w < 16) or (4,),
                                          config.granularity, config.quant_type, config.batch_size,
-                                         progress=ctx.progress)
+                                         int8_threshold=config.int8_threshold, progress=ctx.progress)
     else:
         sens = None
     if config.score == "importance":
@@ -201,7 +207,8 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
     if sens is not None:
         planner["sensitivity"] = {"path": config.sensitivity, "base_loss": sens.base_loss,
                                   "calibration": sens.calibration, "cost": sens.cost}
-    return CompressionPlan(model={}, bits=plan_bits_map, quant_type=config.quant_type, budget=budget,
+    return CompressionPlan(model={}, bits=plan_bits_map, quant_type=config.quant_type,
+                           int8_threshold=config.int8_threshold, budget=budget,
                            predicted=predicted, planner=planner)
 
 

@@ -45,6 +45,7 @@ def merge_bits(plan: CompressionPlan, bits_plan: CompressionPlan) -> None:
     plan.bits = {k: b for k, b in bits_plan.bits.items()
                  if k in ("embed", "lm_head") or parse_unit(k.split(".")[0]).layer not in dropped}
     plan.quant_type = bits_plan.quant_type
+    plan.int8_threshold = bits_plan.int8_threshold
     plan.predicted["bits"] = bits_plan.predicted
     plan.budget["bits"] = bits_plan.budget
 

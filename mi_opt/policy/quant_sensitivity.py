@@ -27,7 +27,8 @@ from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
-from mi_opt.surgery.quantize import QUANT_TYPES, _as_linear, _linear_like, _quantized, quantized_bytes
+from mi_opt.surgery.quantize import (INT8_THRESHOLD, QUANT_TYPES, _as_linear, _linear_like, _quantized,
+                                     check_int8_threshold, quantized_bytes)
 
 SCHEMA = "mi-opt/quant-sensitivity"
 VERSION = 1
@@ -166,7 +167,8 @@ def _mean_se(values: list[float]) -> tuple[float, float | None]:
 def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, ...] = (4, 8),
                               granularity: str = "layer", quant_type: str = "nf4", batch_size: int = 4,
                               chunk_rows: int = 1, calibration: dict | None = None,
-                              model_spec: str | None = None, progress: bool = True) -> QuantSensitivity:
+                              model_spec: str | None = None, int8_threshold: float = INT8_THRESHOLD,
+                              progress: bool = True) -> QuantSensitivity:
     """Score every unit at every width in `widths` (< 16) on `windows` (n_samples x seq_len).
 
     The model is left exactly as it was (modules are swapped back in a finally block).
@@ -178,6 +180,7 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
         raise MiOptError(f"sensitivity widths must be 4 and/or 8 (16 is the reference), got {widths}")
     if quant_type not in QUANT_TYPES:
         raise MiOptError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    int8_threshold = check_int8_threshold(int8_threshold)
     if batch_size < 1 or chunk_rows < 1:
         raise MiOptError("batch_size and chunk_rows must be >= 1")
     adapter = get_adapter(model)
@@ -186,7 +189,7 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
     batches = [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
     started = time.perf_counter()
     originals = {n: model.get_submodule(n) for names in units.values() for n in names}
-    quantized = {(key, w): {n: _quantized(_as_linear(originals[n]), w, quant_type) for n in names}
+    quantized = {(key, w): {n: _quantized(_as_linear(originals[n]), w, quant_type, int8_threshold) for n in names}
                  for key, names in tqdm(units.items(), desc="quantizing units", disable=not progress)
                  for w in widths}
     first_layer = {key: int(key[1:].split(".")[0]) for key in units}
@@ -221,6 +224,7 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
         model=model_summary(model, adapter, model_spec),
         method={"intervention": "quantize one unit with bitsandbytes, all else full precision",
                 "granularity": granularity, "widths": list(widths), "quant_type": quant_type,
+                "int8_threshold": int8_threshold,
                 "metrics": {"delta_loss": "increase of mean next-token NLL (nats)",
                             "kl": "mean KL(unquantized || quantized) of next-token distributions (nats)"}},
         calibration={**(calibration or {}), "n_samples": len(windows), "seq_len": int(windows.shape[1]),

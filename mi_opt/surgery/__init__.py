@@ -67,7 +67,7 @@ def apply_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     if any(b < 16 for b in bits.values()):
         from mi_opt.surgery.quantize import quantize_  # optional backend; imported only when needed
 
-        quantize_(model, bits, plan.quant_type)
+        quantize_(model, bits, plan.quant_type, plan.int8_threshold)
     drop_layers_(model, plan.drop_layers)
     return model
 

@@ -187,6 +187,26 @@ def test_planner_from_saved_sensitivity_matches(planned, tmp_path):
     assert a.bits == b.bits
 
 
+def test_int8_threshold_flows_from_config_to_sensitivity_plan_and_surgery(planned, tmp_path):
+    from mi_opt.surgery import apply_
+
+    model, windows, profile = planned
+    sens = measure_quant_sensitivity(model, windows, int8_threshold=0.0, progress=False)
+    assert sens.method["int8_threshold"] == 0.0
+    path = sens.save(tmp_path / "pure-int8.json")
+    plan = make_plan(profile, "bits", {"avg_bits": 6, "widths": (4, 8), "sensitivity": str(path),
+                                       "int8_threshold": 0.0}, model, progress=False)
+    assert plan.int8_threshold == 0.0
+    work = apply_(tiny_model("llama"), plan)
+    import bitsandbytes as bnb
+    assert {m.state.threshold for m in work.modules() if isinstance(m, bnb.nn.Linear8bitLt)} == {0.0}
+    with pytest.raises(MiOptError, match="same int8_threshold"):   # measured at 0.0, asked for 6.0
+        make_plan(profile, "bits", {"avg_bits": 6, "widths": (4, 8), "sensitivity": str(path)}, model,
+                  progress=False)
+    with pytest.raises(MiOptError, match="int8_threshold must be a number >= 0"):
+        BitsConfig(avg_bits=6, int8_threshold=-2)
+
+
 def test_planner_importance_mode_and_errors(planned):
     model, windows, profile = planned
     plan = make_plan(profile, "bits", {"avg_bits": 6, "widths": (4, 8), "score": "importance"}, model, progress=False)
@@ -209,7 +229,6 @@ def test_tied_lm_head_rule():
     profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer",)), progress=False)
     with pytest.raises(MiOptError, match="ties lm_head"):
         make_plan(profile, "bits", {"avg_bits": 6, "lm_head_bits": 8}, model, windows, progress=False)
-
 
 
 def exp_with_mass(mass: float):

@@ -8,8 +8,8 @@ import torch
 from tiny import FAMILIES, VOCAB, tiny_model
 
 from mi_opt.errors import MiOptError
-from mi_opt.surgery.quantize import (SafeLinear4bit, _skip_entry_matches, hf_skip_modules, load_quantized_,
-                                     quantize_, quantized_modules, save_quantized, untie_lm_head_)
+from mi_opt.surgery.quantize import (SafeLinear4bit, _quantized, _skip_entry_matches, hf_skip_modules,
+                                     load_quantized_, quantize_, quantized_modules, save_quantized, untie_lm_head_)
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -87,6 +87,54 @@ def test_int8_closer_than_nf4():
         quantize_(model, {f"L{i}": width for i in range(4)})
         errs[width] = rel_err(logits(model), ref)
     assert errs[8] < errs[4]
+
+
+def test_int8_outlier_threshold_keeps_outlier_columns_precise():
+    """LLM.int8(): input columns with an |activation| above the threshold are multiplied in 16-bit.
+    One huge column makes pure int8 round every other column to a coarse grid; 6.0 avoids that."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64)
+    x[:, 5] = 60.0                                        # an outlier feature, as trained LLMs have
+    ref = linear(x)
+    errs = {}
+    for threshold in (0.0, 6.0):
+        q = _quantized(linear, 8, "nf4", threshold)
+        assert q.state.threshold == threshold
+        with torch.inference_mode():
+            errs[threshold] = rel_err(q(x).float(), ref.detach())
+    assert errs[6.0] < errs[0.0] / 3
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_threshold_is_recorded_and_reloaded(tmp_path, threshold):
+    from transformers import AutoModelForCausalLM
+
+    model = packable_llama()
+    quantize_(model, {f"L{i}": 8 for i in range(4)}, int8_threshold=threshold)
+    meta = save_quantized(model, tmp_path)
+    assert meta["int8_threshold"] == threshold
+    assert meta["quantization_config"]["llm_int8_threshold"] == threshold
+    fresh = packable_llama(seed=5)
+    load_quantized_(fresh, tmp_path, meta)                # mi-opt's loader honours the recorded value
+    assert {m.state.threshold for m in fresh.modules() if isinstance(m, bnb.nn.Linear8bitLt)} == {threshold}
+    assert torch.equal(logits(fresh), logits(model))
+    model.config.quantization_config = meta["quantization_config"]
+    model.config.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(logits(reloaded), logits(model))   # and so does plain transformers
+
+
+def test_int8_threshold_default_and_bad_values(tmp_path):
+    model = packable_llama()
+    quantize_(model, {"L0": 8})
+    assert model.model.layers[0].mlp.up_proj.state.threshold == 6.0
+    with pytest.raises(MiOptError, match="int8_threshold must be a number >= 0"):
+        quantize_(packable_llama(), {"L0": 8}, int8_threshold=-1)
+    quantize_(model, {"L1": 8}, int8_threshold=0.0)
+    with pytest.raises(MiOptError, match="different outlier thresholds"):
+        save_quantized(model, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("forward_first", [False, True])
