@@ -165,7 +165,7 @@ def _mean_se(values: list[float]) -> tuple[float, float | None]:
 
 
 def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, ...] = (4, 8),
-                              granularity: str = "layer", quant_type: str = "nf4", batch_size: int = 4,
+                              granularity: str = "module", quant_type: str = "nf4", batch_size: int = 4,
                               chunk_rows: int = 1, calibration: dict | None = None,
                               model_spec: str | None = None, int8_threshold: float = INT8_THRESHOLD,
                               progress: bool = True) -> QuantSensitivity:

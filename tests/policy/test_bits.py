@@ -153,8 +153,9 @@ def planned():
 
 def test_planner_gives_8_bits_where_4_bits_hurt_most(planned):
     model, windows, profile = planned
-    plan = make_plan(profile, "bits", {"avg_bits": 5, "widths": (4, 8)}, model, windows, progress=False)
-    sens = measure_quant_sensitivity(model, windows, progress=False)
+    plan = make_plan(profile, "bits", {"avg_bits": 5, "widths": (4, 8), "granularity": "layer"}, model, windows,
+                     progress=False)
+    sens = measure_quant_sensitivity(model, windows, granularity="layer", progress=False)
     gain = {k: v["4"]["kl"] - v["8"]["kl"] for k, v in sens.scores.items()}
     # equal-size layers, 5 avg bits from {4, 8}: exactly one layer gets 8 bits, the one 4 bits hurts most
     assert {k for k, b in plan.bits.items() if b == 8} == {max(gain, key=gain.get)}
