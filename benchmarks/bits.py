@@ -37,7 +37,7 @@ from mi_opt.policy.bits import BitsConfig, allocate_bits
 from mi_opt.policy.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                              unit_sizes)
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
-from mi_opt.surgery.quantize import quantize_
+from mi_opt.surgery.quantize import INT8_THRESHOLD, quantize_
 
 from bits_render import render_markdown
 
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
+    p.add_argument("--int8-threshold", type=float, default=INT8_THRESHOLD,
+                   help="LLM.int8 outlier threshold of every int8 module (0 = pure vector-wise int8)")
     p.add_argument("--tasks", default="miopt_arithmetic,miopt_capitals",
                    help="generative tasks of mi_opt.evaluate ('' to skip)")
     p.add_argument("--task-limit", type=int, default=20)
@@ -80,7 +82,7 @@ def evaluate_allocation(base, tok, bits: dict, args, eval_config) -> dict:
     from mi_opt.evaluate import evaluate
 
     model = copy.deepcopy(base)
-    applied = quantize_(model, bits, args.quant_type) if bits else {}
+    applied = quantize_(model, bits, args.quant_type, args.int8_threshold) if bits else {}
     result = evaluate(model, tok, eval_config, progress=False)
     del model
     out = {"perplexity": result.perplexity["perplexity"], "nll_mean": result.perplexity["nll_mean"],
@@ -122,10 +124,13 @@ def sensitivity_for(granularity: str, base, calib, args) -> QuantSensitivity:
             continue
         if sens.model.get("fingerprint") != model_fingerprint(base):
             raise SystemExit(f"{path} was measured on another model")
+        if sens.method.get("int8_threshold", 0.0) != args.int8_threshold:
+            raise SystemExit(f"{path} measured int8 at outlier threshold {sens.method.get('int8_threshold', 0.0)}, "
+                             f"not --int8-threshold {args.int8_threshold}")
         return sens
     sens = measure_quant_sensitivity(base, calib, widths=(4, 8), granularity=granularity, quant_type=args.quant_type,
                                      calibration={"source": args.calib_source, "split": "calibration"},
-                                     model_spec=args.model)
+                                     model_spec=args.model, int8_threshold=args.int8_threshold)
     sens.save(args.out / f"bits-sensitivity-{granularity}.json")
     return sens
 
@@ -154,8 +159,8 @@ def build_allocations(base, calib, args, timings: dict) -> tuple[dict, dict, int
         profile = profile_ablation(base, calib, AblationConfig(unit_kinds=("layer",)),
                                    calibration={"source": args.calib_source}, model_spec=args.model)
         timings["layer_profile_s"] = round(time.perf_counter() - t, 1)
-        plan = make_plan(profile, "bits", {"max_bytes": budget, "widths": (4, 8), "score": "importance"}, base,
-                         progress=False)
+        plan = make_plan(profile, "bits", {"max_bytes": budget, "widths": (4, 8), "score": "importance",
+                                           "int8_threshold": args.int8_threshold}, base, progress=False)
         allocations["layer importance {4, 8}"] = ({k: b for k, b in plan.bits.items() if k.startswith("L")},
                                                   layer_sizes)
     allocations["first half 8-bit"] = (half, layer_sizes)
