@@ -3,8 +3,8 @@
 Scores: by default each unit's own quantization damage at each width (quant_sensitivity.py),
 measured on the calibration windows or read from a saved "mi-opt/quant-sensitivity" file. The
 `score="importance"` mode allocates from the profile's layer-ablation scores instead; it exists
-as a baseline: on SmolLM2 it beats a random allocation only slightly (layer importance is not
-quantization sensitivity).
+as a baseline: on SmolLM2 it did worse than random layer halves (1.20x their perplexity
+increase, reports/bits.md): layer importance is not quantization sensitivity.
 
 Granularity: per module by default. A layer's quantization damage is mostly one or two of its
 linears (on SmolLM2: down_proj in layers 11 and 29, v_proj everywhere), so one width per layer
