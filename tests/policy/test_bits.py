@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_model, tiny_windows
+from tiny import exp_with_mass, tiny_model, tiny_windows
 
 from mi_opt.errors import MiOptError
 from mi_opt.policy import make_plan
@@ -189,6 +189,8 @@ def test_planner_from_saved_sensitivity_matches(planned, tmp_path):
 
 
 def test_int8_threshold_flows_from_config_to_sensitivity_plan_and_surgery(planned, tmp_path):
+    import bitsandbytes as bnb
+
     from mi_opt.surgery import apply_
 
     model, windows, profile = planned
@@ -199,7 +201,6 @@ def test_int8_threshold_flows_from_config_to_sensitivity_plan_and_surgery(planne
                                        "int8_threshold": 0.0}, model, progress=False)
     assert plan.int8_threshold == 0.0
     work = apply_(tiny_model("llama"), plan)
-    import bitsandbytes as bnb
     assert {m.state.threshold for m in work.modules() if isinstance(m, bnb.nn.Linear8bitLt)} == {0.0}
     with pytest.raises(MiOptError, match="same int8_threshold"):   # measured at 0.0, asked for 6.0
         make_plan(profile, "bits", {"avg_bits": 6, "widths": (4, 8), "sensitivity": str(path)}, model,
@@ -230,13 +231,6 @@ def test_tied_lm_head_rule():
     profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer",)), progress=False)
     with pytest.raises(MiOptError, match="ties lm_head"):
         make_plan(profile, "bits", {"avg_bits": 6, "lm_head_bits": 8}, model, windows, progress=False)
-
-
-def exp_with_mass(mass: float):
-    """Tensor.exp scaled so probabilities sum to `mass`: a trained model's sharp fp32 distributions
-    over a 49k vocabulary miss 1 by ~1e-5, which times an lse of ~30 nats biased every KL."""
-    real = torch.Tensor.exp
-    return lambda self: real(self) * mass
 
 
 def test_reference_scores_the_clean_run_as_zero_kl_when_fp32_mass_is_not_one(monkeypatch):

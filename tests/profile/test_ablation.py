@@ -110,9 +110,8 @@ def test_bad_config():
                          progress=False)
 
 
-
 def test_clean_reference_scores_the_clean_run_as_zero_kl_when_fp32_mass_is_not_one(monkeypatch):
-    from policy.test_bits import exp_with_mass
+    from tiny import exp_with_mass
 
     from mi_opt.profile.ablation import _CleanReference
 
