@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mi_opt.arch import ArchAdapter, get_adapter
@@ -132,33 +131,6 @@ class _Cache:
         return hidden
 
 
-class _Reference:
-    """Clean next-token distributions of one batch; scores a perturbed run chunk by chunk."""
-
-    def __init__(self, adapter: ArchAdapter, final_hidden: torch.Tensor, ids: torch.Tensor, chunk_rows: int):
-        logp = F.log_softmax(adapter.logits(final_hidden[:, :-1]).float(), dim=-1)
-        self.targets = ids[:, 1:].to(logp.device)
-        self.probs = logp.exp()
-        self.neg_entropy = (self.probs * logp).sum(-1)
-        # fp32 probabilities sum to 1 only within ~1e-5; times an lse of ~30 nats that would
-        # bias every KL by ~-2e-4, so the lse term is weighted by the actual mass.
-        self.mass = self.probs.sum(-1)
-        self.nll = -logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
-        self.adapter, self.chunk_rows = adapter, chunk_rows
-
-    def score(self, final_hidden: torch.Tensor) -> tuple[float, float]:
-        """(mean NLL increase, mean KL(clean || perturbed)) over the batch's tokens."""
-        nll, kl = [], []
-        for s in range(0, final_hidden.shape[0], self.chunk_rows):
-            rows = slice(s, s + self.chunk_rows)
-            logits = self.adapter.logits(final_hidden[rows, :-1]).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            # KL(p||q) = sum p log p - sum p log q, with log q = z - lse(z).
-            kl.append(self.neg_entropy[rows] - (self.probs[rows] * logits).sum(-1) + self.mass[rows] * lse)
-            nll.append(lse - logits.gather(-1, self.targets[rows].unsqueeze(-1)).squeeze(-1))
-        return (torch.cat(nll).mean() - self.nll.mean()).item(), torch.cat(kl).mean().item()
-
-
 def _mean_se(values: list[float]) -> tuple[float, float | None]:
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), ((t.std(unbiased=True) / len(values) ** 0.5).item() if len(values) > 1 else None)
@@ -173,7 +145,7 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
 
     The model is left exactly as it was (modules are swapped back in a finally block).
     """
-    from mi_opt.profile.ablation import model_summary
+    from mi_opt.profile.ablation import _CleanReference, model_summary
 
     widths = tuple(sorted({int(w) for w in widths if int(w) < 16}))
     if not widths or any(w not in (4, 8) for w in widths):
@@ -201,13 +173,17 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
             cache = _Cache(adapter)
             with attached(cache.hooks()):
                 adapter.decoder()(ids, use_cache=False)
-            ref = _Reference(adapter, cache.final, ids, chunk_rows)
-            base.append(ref.nll.mean().item())
+            # The ablation engine's clean reference: one KL formula (folded through a linear
+            # lm_head) for ablations and quantization alike.
+            ref = _CleanReference(adapter, cache.final, ids, chunk=chunk_rows * (ids.shape[1] - 1))
+            base_nll = ref.nll.mean()
+            base.append(base_nll.item())
             for (key, w), swap in quantized.items():
                 try:
                     for n, q in swap.items():
                         model.set_submodule(n, q)
-                    dl, kl = ref.score(cache.run_from(first_layer[key]))
+                    nll, kl = ref.score(cache.run_from(first_layer[key]))
+                    dl, kl = (nll.mean() - base_nll).item(), kl.mean().item()
                 finally:
                     for n in swap:
                         model.set_submodule(n, originals[n])
