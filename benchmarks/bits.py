@@ -32,12 +32,13 @@ from mi_opt.arch import get_adapter
 from mi_opt.artifacts import machine, model_fingerprint, versions, write_json
 from mi_opt.data import token_windows
 from mi_opt.models import load_model
+from mi_opt.plan import INT8_THRESHOLD
 from mi_opt.policy import make_plan
 from mi_opt.policy.bits import BitsConfig, allocate_bits
 from mi_opt.policy.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                              unit_sizes)
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
-from mi_opt.surgery.quantize import INT8_THRESHOLD, quantize_
+from mi_opt.surgery.quantize import quantize_
 
 from bits_render import render_markdown
 
@@ -124,8 +125,8 @@ def sensitivity_for(granularity: str, base, calib, args) -> QuantSensitivity:
             continue
         if sens.model.get("fingerprint") != model_fingerprint(base):
             raise SystemExit(f"{path} was measured on another model")
-        if sens.method.get("int8_threshold", 0.0) != args.int8_threshold:
-            raise SystemExit(f"{path} measured int8 at outlier threshold {sens.method.get('int8_threshold', 0.0)}, "
+        if sens.int8_threshold != args.int8_threshold:
+            raise SystemExit(f"{path} measured int8 at outlier threshold {sens.int8_threshold}, "
                              f"not --int8-threshold {args.int8_threshold}")
         return sens
     sens = measure_quant_sensitivity(base, calib, widths=(4, 8), granularity=granularity, quant_type=args.quant_type,

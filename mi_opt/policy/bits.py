@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from mi_opt.errors import MiOptError
-from mi_opt.plan import CompressionPlan
+from mi_opt.plan import INT8_THRESHOLD, CompressionPlan, check_int8_threshold
 from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric
 from mi_opt.policy.quant_sensitivity import GRANULARITIES, QuantSensitivity, measure_quant_sensitivity
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.surgery.quantize import INT8_THRESHOLD, QUANT_TYPES, check_int8_threshold, is_tied
+from mi_opt.surgery.quantize import QUANT_TYPES, is_tied
 from mi_opt.units import parse_unit
 
 SCORES = ("sensitivity", "importance")
@@ -183,9 +183,9 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
         if fp and sens.model.get("fingerprint") not in (None, fp):
             raise MiOptError(f"{config.sensitivity} was measured on model {sens.model.get('fingerprint')}, the "
                              f"profile on {fp}: measure sensitivity on the same model")
-        if sens.method.get("int8_threshold", 0.0) != config.int8_threshold and 8 in config.widths:
+        if sens.int8_threshold != config.int8_threshold and 8 in config.widths:
             raise MiOptError(f"{config.sensitivity} measured int8 with outlier threshold "
-                             f"{sens.method.get('int8_threshold', 0.0)}, the config asks for {config.int8_threshold}: "
+                             f"{sens.int8_threshold}, the config asks for {config.int8_threshold}: "
                              "measure sensitivity with the same int8_threshold")
         if sens.method.get("granularity") != config.granularity:
             raise MiOptError(f"{config.sensitivity} has {sens.method.get('granularity')} granularity, the config "

@@ -26,8 +26,8 @@ from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
-from mi_opt.surgery.quantize import (INT8_THRESHOLD, QUANT_TYPES, _as_linear, _linear_like, _quantized,
-                                     check_int8_threshold, quantized_bytes)
+from mi_opt.plan import INT8_THRESHOLD, check_int8_threshold
+from mi_opt.surgery.quantize import QUANT_TYPES, _as_linear, _linear_like, _quantized, quantized_bytes
 
 SCHEMA = "mi-opt/quant-sensitivity"
 VERSION = 1
@@ -56,6 +56,12 @@ class QuantSensitivity(JsonArtifact):
 
     def units(self) -> list[str]:
         return list(self.scores)
+
+    @property
+    def int8_threshold(self) -> float:
+        """The LLM.int8 outlier threshold its int8 damage was measured at (files that predate
+        the field were measured with pure int8, 0)."""
+        return float(self.method.get("int8_threshold", 0.0))
 
 
 

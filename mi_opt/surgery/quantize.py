@@ -33,18 +33,11 @@ from torch import nn
 
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
+from mi_opt.plan import INT8_THRESHOLD, check_int8_threshold
 
 WIDTHS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64           # bitsandbytes' 4-bit block: one absmax per 64 weights
-# LLM.int8()'s outlier threshold (Dettmers et al., 2022; transformers' default): input columns
-# with any |activation| > 6 are multiplied in 16-bit, the rest in int8. On SmolLM2 with every
-# layer int8 (reports/bits.md): +0.58 perplexity at 6.0 against +1.19 at 0.0 (pure vector-wise
-# int8); int8-rounded weights with fp32 activations cost only +0.05 in a quick check, so the
-# damage is activation rounding, which the outlier columns mostly avoid. The outlier columns are
-# chosen per forward, so a row's output depends slightly on the rest of its batch. Recorded in
-# the export's metadata and BitsAndBytesConfig, so a reload computes exactly as mi-opt did.
-INT8_THRESHOLD = 6.0
 _KEY = re.compile(r"^L(\d+)(?:\.(.+))?$")
 
 
@@ -200,13 +193,6 @@ def _quantized(linear: nn.Linear, width: int, quant_type: str, int8_threshold: f
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return q.to(device).eval()  # .to(device) is where bitsandbytes quantizes
-
-
-def check_int8_threshold(value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise MiOptError(f"int8_threshold must be a number >= 0 (0 = pure int8, 6.0 = LLM.int8's outlier "
-                         f"columns in 16-bit), got {value!r}")
-    return float(value)
 
 
 def quantize_(model: nn.Module, bits: dict[str, int], quant_type: str = "nf4",
