@@ -34,7 +34,7 @@ from mi_opt.data import token_windows
 from mi_opt.models import load_model
 from mi_opt.plan import INT8_THRESHOLD
 from mi_opt.policy import make_plan
-from mi_opt.policy.bits import BitsConfig, allocate_bits
+from mi_opt.policy.bits import BitsConfig, allocate_bits, allocation_size
 from mi_opt.policy.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                              unit_sizes)
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
@@ -96,20 +96,12 @@ def evaluate_allocation(base, tok, bits: dict, args, eval_config) -> dict:
     return out
 
 
-def linear_bytes(sizes: dict, bits: dict) -> int:
-    return sum(sizes[k]["bytes"][str(bits.get(k, 16))] for k in sizes)
-
-
-def average_bits(sizes: dict, bits: dict) -> float:
-    return sum(sizes[k]["params"] * bits.get(k, 16) for k in sizes) / sum(s["params"] for s in sizes.values())
-
-
 def random_fill(sizes: dict, budget: int, seed: int) -> dict:
     """Units in a random order, each raised from 4 to 8 bits while the bytes still fit the budget."""
     keys = sorted(sizes)
     random.Random(seed).shuffle(keys)
     bits = {k: 4 for k in keys}
-    used = linear_bytes(sizes, bits)
+    used = allocation_size(sizes, bits)[1]
     for k in keys:
         extra = sizes[k]["bytes"]["8"] - sizes[k]["bytes"]["4"]
         if used + extra <= budget:
@@ -146,7 +138,7 @@ def build_allocations(base, calib, args, timings: dict) -> tuple[dict, dict, int
         timings[f"sensitivity_{granularity}_s"] = round(time.perf_counter() - t, 1)
     layer_sizes = unit_sizes(base, quant_units(get_adapter(base), "layer"))
     half = {f"L{i}": 8 if i < n // 2 else 4 for i in range(n)}
-    budget = linear_bytes(layer_sizes, half)   # equal bytes for every mixed allocation
+    budget = allocation_size(layer_sizes, half)[1]   # equal bytes for every mixed allocation
     allocations: dict[str, tuple[dict, dict]] = {"fp32 (reference)": ({}, layer_sizes)}
     for granularity, sens in sensitivities.items():
         damage = {k: {int(w): v["kl"] for w, v in per.items()} for k, per in sens.scores.items()}
@@ -205,7 +197,8 @@ def main(argv=None) -> int:
     rows = {}
     for name, (bits, sizes) in tqdm(allocations.items(), desc="evaluating allocations", unit="allocation"):
         t = time.perf_counter()
-        rows[name] = {"bits": bits, "linear_bytes": linear_bytes(sizes, bits), "avg_bits": average_bits(sizes, bits),
+        avg_bits, size = allocation_size(sizes, bits)
+        rows[name] = {"bits": bits, "linear_bytes": size, "avg_bits": avg_bits,
                       **evaluate_allocation(base, tok, bits, args, eval_config)}
         rows[name]["eval_s"] = round(time.perf_counter() - t, 1)
         tqdm.write(f"{name}: ppl {rows[name]['perplexity']:.3f}, {rows[name]['linear_bytes'] / 1e6:.2f} MB")
@@ -221,7 +214,7 @@ def main(argv=None) -> int:
     payload = {"schema": "mi-opt/benchmark-bits", "version": 2, "command": "python benchmarks/bits.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "args": {k: str(v) for k, v in vars(args).items()},
         "tasks": list(tasks), "equal_bytes_budget": budget,
-        "linear_bytes_16bit": linear_bytes(allocations["fp32 (reference)"][1], {}),
+        "linear_bytes_16bit": allocation_size(allocations["fp32 (reference)"][1], {})[1],
         "target": "sensitivity ppl increase <= 0.3x the mean of the random layer halves'",
         "sensitivity_vs_random": ratios, "target_met": any(v is not None and v <= 0.3 for v in ratios.values()),
         "sensitivity": {g: {"scores": s.scores, "sizes": s.sizes, "calibration": s.calibration, "cost": s.cost,

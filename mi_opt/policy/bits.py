@@ -137,6 +137,14 @@ def _unit_cost(sizes: dict, width: int, config: BitsConfig) -> int:
     return sizes["params"] * width if config.avg_bits is not None else sizes["bytes"][str(width)]
 
 
+def allocation_size(sizes: dict[str, dict], bits: dict[str, int]) -> tuple[float, int]:
+    """(mean bits per weight, bytes) of every unit in `sizes` at its width in `bits` (16 if absent)."""
+    widths = {k: bits.get(k, 16) for k in sizes}
+    params = sum(s["params"] for s in sizes.values())
+    return (sum(sizes[k]["params"] * w for k, w in widths.items()) / params,
+            sum(sizes[k]["bytes"][str(w)] for k, w in widths.items()))
+
+
 def allocate_bits(damage: dict[str, dict[int, float]], sizes: dict[str, dict], config: BitsConfig) -> tuple[dict, dict]:
     """(bits per unit key, predicted cost) minimizing summed damage within the budget."""
     keys = list(damage)
@@ -155,10 +163,10 @@ def allocate_bits(damage: dict[str, dict[int, float]], sizes: dict[str, dict], c
                          f"needs {floor} avg bits / {sum(sizes[k]['bytes'][str(floor)] for k in keys):,} bytes. "
                          "Raise the budget or allow a lower width.") from err
     bits = {k: ws[j] for k, ws, j in zip(keys, widths, picks)}
-    linear_bytes = sum(sizes[k]["bytes"][str(b)] for k, b in bits.items())
-    predicted = {"avg_bits": round(sum(sizes[k]["params"] * b for k, b in bits.items()) / total_params, 4),
-                 "linear_bytes": linear_bytes,
-                 "linear_bytes_16bit": sum(sizes[k]["bytes"]["16"] for k in keys),
+    allocated = {k: sizes[k] for k in keys}
+    avg_bits, linear_bytes = allocation_size(allocated, bits)
+    predicted = {"avg_bits": round(avg_bits, 4), "linear_bytes": linear_bytes,
+                 "linear_bytes_16bit": allocation_size(allocated, {})[1],
                  "predicted_damage": sum(d[j] for d, j in zip(damages, picks)),
                  "damage_metric": config.metric, "exact": exact,
                  "counts": {str(w): sum(1 for b in bits.values() if b == w) for w in config.widths}}
