@@ -288,7 +288,8 @@ def hf_skip_modules(model: nn.Module, quantized: set[str]) -> list[str]:
     return skip
 
 
-def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | None]]) -> dict | None:
+def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | None]],
+                            int8_threshold: float | None) -> dict | None:
     """A BitsAndBytesConfig dict plain transformers can load this model with, or None if none exists."""
     from transformers import BitsAndBytesConfig
     from transformers.pytorch_utils import Conv1D
@@ -305,7 +306,7 @@ def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | N
     bits, quant_type = next(iter(mods.values()))
     skip = hf_skip_modules(model, set(mods))
     if bits == 8:
-        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold(model),
+        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold,
                                  llm_int8_skip_modules=skip)
     else:
         if any(m.weight.blocksize != BLOCKSIZE for m in modules.values()):
@@ -317,7 +318,7 @@ def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | N
     return cfg.to_dict()
 
 
-def int8_threshold(model: nn.Module) -> float | None:
+def model_int8_threshold(model: nn.Module) -> float | None:
     """The outlier threshold shared by the model's int8 modules (None without any); mixed is an error."""
     values = {float(m.state.threshold) for m in model.modules() if isinstance(m, _bnb().nn.Linear8bitLt)}
     if len(values) > 1:
@@ -339,10 +340,10 @@ def save_quantized(model: nn.Module, out_dir) -> dict:
     from mi_opt.artifacts import atomic_write_bytes
 
     mods = quantized_modules(model)
-    threshold = int8_threshold(model)  # raises on mixed thresholds, before anything is written
+    threshold = model_int8_threshold(model)  # raises on mixed thresholds, before anything is written
     tensors, tied = _state_dict_for_saving(model)
     atomic_write_bytes(Path(out_dir) / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
-    hf_config = _hf_quantization_config(model, mods)
+    hf_config = _hf_quantization_config(model, mods, threshold)
     four_bit = {n: t for n, (b, t) in mods.items() if b == 4}
     types = set(four_bit.values())
     return {"backend": "bitsandbytes", "weights": WEIGHTS_FILE,
