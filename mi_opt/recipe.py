@@ -14,6 +14,7 @@ are checked against their config dataclasses, so `mi-opt validate` needs no mode
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,9 +67,22 @@ class ExportSection:
     enabled: bool = True            # write a verified checkpoint into the run folder
 
 
+# A recipe's name becomes its run folder (OUT/<name>), and recipes are files people share: only a
+# plain folder name is allowed, so no name can reach outside OUT (no separators, no "..", no
+# leading "." or "_" that would hide a run or collide with OUT/_baseline).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESERVED_NAMES = {"comparison"}  # OUT/comparison is written by compare-recipes
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name or name in RESERVED_NAMES:
+        raise MiOptError(f"name: {name!r} cannot name a run folder; use 1-100 letters, digits, '.', '_' or '-', "
+                         f"starting with a letter or digit, without '..' (and not {', '.join(RESERVED_NAMES)})")
+
+
 @dataclass
 class Recipe:
-    name: str
+    name: str                       # the run folder's name: letters, digits, '.', '_', '-' (check_name)
     description: str = ""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -78,6 +92,7 @@ class Recipe:
     export: ExportSection = field(default_factory=ExportSection)
 
     def __post_init__(self):
+        check_name(self.name)
         check_plugins(self)
 
     def to_dict(self) -> dict:

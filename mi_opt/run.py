@@ -24,6 +24,28 @@ def content_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def inside(path: str | Path, root: str | Path, what: str) -> Path:
+    """`path`, refused unless it resolves (symlinks followed) to `root` or below it.
+
+    Recipes are shared files and run folders may hold links: this is the one check that a run
+    writes nowhere but under its --out folder.
+    """
+    path, base = Path(path), Path(root).resolve()
+    resolved = path.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise MiOptError(f"{what} {path} resolves to {resolved}, outside {base}; "
+                         "remove the link or choose another --out")
+    return path
+
+
+def run_folder(out: str | Path, name: str) -> Path:
+    """OUT/<name>, proven to stay inside OUT (the recipe name is checked again: recipes are data)."""
+    from mi_opt.recipe import check_name
+
+    check_name(name)
+    return inside(Path(out) / name, out, "run folder")
+
+
 @dataclass
 class RunFolder:
     """A run's folder and its manifest: stage -> {hash, outputs, finished}."""
@@ -74,6 +96,9 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     from mi_opt.profile.scorers import SCORERS
 
     folder = RunFolder.open(out_dir)
+    out = folder.root.parent  # --out: the run folder and the shared baseline cache must stay in it
+    inside(folder.root, out, "run folder")
+    cache = Path(baseline_cache) if baseline_cache else inside(out / "_baseline", out, "baseline cache")
     folder.root.mkdir(parents=True, exist_ok=True)
     (folder.root / "recipe.yaml").write_text(recipe.to_yaml())
     ran, reused = [], []
@@ -117,7 +142,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
 
     # 3. evaluate the original (shared between runs of the same model and settings)
     base_key = content_hash(fingerprint, sections["model"], sections["evaluate"])
-    base_path = Path(baseline_cache or folder.root.parent / "_baseline") / f"{base_key}.json"
+    base_path = cache / f"{base_key}.json"
     if base_path.exists():
         base_eval = EvalResult.load(base_path)
         reused.append("eval_original")

@@ -60,3 +60,23 @@ def test_validate_verb(tmp_path, capsys):
     assert "policy" in capsys.readouterr().err
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
     assert main(["validate", str(tmp_path / "broken.yaml")]) == 2
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "../../x", "a/b", "..", "x..y", ".hidden", "_baseline", "", "a b",
+                                  "comparison", "x" * 101, "a\\b", "café"])
+def test_unsafe_recipe_names_are_refused(name):
+    with pytest.raises(MiOptError, match="name: .* cannot name a run folder"):
+        recipe_from_dict({"name": name})
+
+
+@pytest.mark.parametrize("name", ["default", "drop-quarter-layers", "v1.2_run", "A" * 100])
+def test_plain_recipe_names_are_accepted(name):
+    policy = {"planner": "layer-skip", "options": {"n_drop": 1}}
+    assert recipe_from_dict({"name": name, "policy": policy}).name == name
+
+
+def test_validate_refuses_a_name_that_leaves_the_out_folder(tmp_path, capsys):
+    bad = tmp_path / "escape.yaml"
+    bad.write_text("name: ../../escape\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "name: '../../escape' cannot name a run folder" in capsys.readouterr().err

@@ -80,3 +80,39 @@ def test_compare_recipes_cli(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "runs" / "comparison" / "pareto.png").exists()
     table = json.loads((tmp_path / "runs" / "comparison" / "compare.json").read_text())
     assert table["labels"] == ["original", "drop1", "heads"]
+
+
+def test_run_folder_stays_inside_out(tmp_path):
+    from mi_opt.errors import MiOptError
+    from mi_opt.run import run_folder
+
+    assert run_folder(tmp_path / "runs", "t") == tmp_path / "runs" / "t"
+    for name in ("../x", "/tmp/x", "a/../../x"):  # refused even if a Recipe object was edited after checks
+        with pytest.raises(MiOptError, match="cannot name a run folder"):
+            run_folder(tmp_path / "runs", name)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs" / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(MiOptError, match="outside"):
+        run_folder(tmp_path / "runs", "linked")
+
+
+@pytest.mark.parametrize("link", ["t", "_baseline"])
+def test_a_run_writes_nothing_through_links_out_of_its_out_folder(tiny_folder, tmp_path, link):
+    from mi_opt.errors import MiOptError
+
+    out, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / link).symlink_to(elsewhere)
+    with pytest.raises(MiOptError, match=f"{link} resolves to .*outside"):
+        run(_recipe(tiny_folder), out / "t", progress=False)
+    assert not list(elsewhere.iterdir())
+
+
+def test_cli_run_refuses_an_escaping_recipe_before_any_work(tmp_path, capsys):
+    recipe = tmp_path / "escape.yaml"
+    recipe.write_text("name: ../escape\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "runs")]) == 2
+    assert "cannot name a run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.yaml"]

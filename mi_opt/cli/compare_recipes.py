@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from mi_opt.cli.run import _threads
     from mi_opt.recipe import load_recipe
     from mi_opt.run import run as run_recipe
+    from mi_opt.run import run_folder
 
     _threads(args.threads)
     recipes = [load_recipe(r) for r in args.recipes]
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise MiOptError(f"recipe names must differ (each runs in its own folder): {names}")
-    folders = [run_recipe(r, Path(args.out) / r.name).folder for r in recipes]
+    paths = [run_folder(args.out, r.name) for r in recipes]
+    folders = [run_recipe(r, path).folder for r, path in zip(recipes, paths)]
     compare_runs(folders, Path(args.out) / "comparison")
     return 0

@@ -14,12 +14,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mi_opt.recipe import load_recipe
     from mi_opt.run import run as run_recipe
+    from mi_opt.run import run_folder
 
     _threads(args.threads)
     recipes = [load_recipe(r) for r in args.recipes]  # all validated before any work starts
+    folders = [run_folder(args.out, r.name) for r in recipes]
     results = []
-    for recipe in recipes:
-        result = run_recipe(recipe, Path(args.out) / recipe.name)
+    for recipe, folder in zip(recipes, folders):
+        result = run_recipe(recipe, folder)
         print(f"{recipe.name}: ran {', '.join(result.stages_run) or 'nothing'}; "
               f"reused {', '.join(result.stages_reused) or 'nothing'}\n  report: {result.report}")
         results.append(result)
