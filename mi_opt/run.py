@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from mi_opt.recipe import Recipe
 
 MANIFEST = "stages.json"
 MANIFEST_SCHEMA = "mi-opt/run-stages"
+# What each stage may leave in the run folder, so outputs of a stage that no longer runs (export
+# switched off) are removed even when an older manifest did not list them.
+STAGE_OUTPUTS = {"profile": ("profile.json", "heads.png", "layers.png"), "plan": ("plan.json",),
+                 "eval_original": ("eval_original.json",), "eval_compressed": ("eval_compressed.json",),
+                 "export": ("checkpoint",)}
 
 
 def content_hash(*parts) -> str:
@@ -68,6 +74,30 @@ class RunFolder:
 
     def mark(self, stage: str, key: str, outputs: list[str]) -> None:
         self.stages[stage] = {"hash": key, "outputs": outputs, "finished": now()}
+        self._write()
+
+    def forget(self, stage: str) -> None:
+        """Remove a stage's outputs and its manifest entry: before it is recomputed, or when it no
+        longer runs, so the folder never shows an earlier run's result as this run's."""
+        entry = self.stages.pop(stage, None)
+        for name in {*STAGE_OUTPUTS.get(stage, ()), *(entry["outputs"] if entry else ())}:
+            if Path(name).name != name or name in ("", ".", ".."):  # the manifest is data: plain names only
+                raise MiOptError(f"{self.root / MANIFEST} lists output {name!r} of stage {stage}, which is not "
+                                 "a file in the run folder; delete the manifest to start the run afresh")
+            path = self.root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)  # a link is removed, never what it points to
+        if entry:
+            self._write()
+
+    def keep_only(self, stages: list[str]) -> None:
+        """Forget every stage this run did not run or reuse."""
+        for stage in sorted({*self.stages, *STAGE_OUTPUTS} - set(stages)):
+            self.forget(stage)
+
+    def _write(self) -> None:
         write_json(self.root / MANIFEST, {"schema": MANIFEST_SCHEMA, "version": 1, "stages": self.stages})
 
 
@@ -118,13 +148,13 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         profile = ImportanceProfile.load(folder.root / "profile.json")
         reused.append("profile")
     else:
+        folder.forget("profile")
         _log(f"profiling with scorer {recipe.profile.scorer!r}")
         scorer = SCORERS.get(recipe.profile.scorer)
         calibration = {"source": recipe.data.calibration, "split": "calibration", "seed": recipe.data.seed}
         profile = scorer(model, windows(), scorer.make_config(recipe.profile.options), calibration=calibration,
                          model_spec=spec, progress=progress)
-        _write_profile(profile, folder.root)
-        folder.mark("profile", profile_key, ["profile.json"])
+        folder.mark("profile", profile_key, _write_profile(profile, folder.root))
         ran.append("profile")
 
     # 2. plan
@@ -133,6 +163,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         plan = CompressionPlan.load(folder.root / "plan.json")
         reused.append("plan")
     else:
+        folder.forget("plan")
         _log(f"planning with planner {recipe.policy.planner!r}")
         plan = make_plan(profile, recipe.policy.planner, recipe.policy.options, model=model, windows=windows(),
                          progress=progress)
@@ -152,6 +183,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         base_eval.save(base_path)
         ran.append("eval_original")
     write_json(folder.root / "eval_original.json", base_eval.to_dict())
+    folder.mark("eval_original", base_key, ["eval_original.json"])
 
     # 4. apply and evaluate the compressed model; 5. export it
     compressed_key = content_hash(plan_key, sections["evaluate"])
@@ -167,6 +199,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         comp_eval = EvalResult.load(folder.root / "eval_compressed.json")
         reused.append("eval_compressed")
     else:
+        folder.forget("eval_compressed")
         _log("evaluating the compressed model")
         comp_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}]", progress=progress)
         comp_eval.save(folder.root / "eval_compressed.json")
@@ -178,23 +211,27 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         else:
             from mi_opt.export import export
 
+            folder.forget("export")
             _log("exporting the checkpoint (verified by reload)")
             export(model, tokenizer, plan, folder.root / "checkpoint", profile=profile, force=True,
                    eval_results={"original": base_eval.to_dict(), "compressed": comp_eval.to_dict()})
             folder.mark("export", export_key, ["checkpoint"])
             ran.append("export")
 
-    # 6. report (cheap: always rebuilt from the stage outputs)
+    # 6. report (cheap: always rebuilt from the stage outputs, after the stale ones are gone)
     from mi_opt.report import write_report
+
+    folder.keep_only(ran + reused)
 
     report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval)
     _log(f"report: {report}")
     return RunResult(folder.root, report, ran, reused)
 
 
-def _write_profile(profile, root: Path) -> None:
+def _write_profile(profile, root: Path) -> list[str]:
+    """profile.json and whichever plots the profile's unit kinds allow; returns the names written."""
     from mi_opt.profile.plots import head_heatmap, layer_bars
 
     profile.save(root / "profile.json")
-    head_heatmap(profile, root / "heads.png")
-    layer_bars(profile, root / "layers.png")
+    plots = [head_heatmap(profile, root / "heads.png"), layer_bars(profile, root / "layers.png")]
+    return ["profile.json", *(Path(p).name for p in plots if p is not None)]

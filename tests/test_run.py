@@ -116,3 +116,48 @@ def test_cli_run_refuses_an_escaping_recipe_before_any_work(tmp_path, capsys):
     assert main(["run", str(recipe), "--out", str(tmp_path / "runs")]) == 2
     assert "cannot name a run folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["escape.yaml"]
+
+
+def _manifest(folder):
+    return json.loads((folder / "stages.json").read_text())["stages"]
+
+
+def test_a_rerun_without_export_removes_the_earlier_checkpoint(tiny_folder, tmp_path):
+    folder = tmp_path / "t"
+    first = run(_recipe(tiny_folder), folder, progress=False)
+    assert "export" in first.stages_run and (folder / "checkpoint").is_dir()
+    recipe = _recipe(tiny_folder, planner={"planner": "layer-skip", "options": {"n_drop": 2}})
+    recipe.export.enabled = False
+    second = run(recipe, folder, progress=False)
+    assert not (folder / "checkpoint").exists()  # it was the 3-layer model; the report says 2 layers
+    stages = _manifest(folder)
+    assert set(stages) == set(second.stages_run + second.stages_reused) and "export" not in stages
+    assert all((folder / o).exists() for entry in stages.values() for o in entry["outputs"])
+    report = (folder / "report.md").read_text()
+    assert "Dropped 2 of 4 layers" in report and "checkpoint/" not in report
+
+
+def test_a_recomputed_profile_leaves_no_plot_of_the_earlier_one(tiny_folder, tmp_path):
+    folder = tmp_path / "t"
+    run(_recipe(tiny_folder), folder, progress=False)
+    assert (folder / "heads.png").exists()
+    recipe = _recipe(tiny_folder, planner={"planner": "layer-skip", "options": {"n_drop": 1}})
+    recipe.profile.options = {"unit_kinds": ["layer"], "batch_size": 2}
+    recipe.export.enabled = False
+    run(recipe, folder, progress=False)
+    assert not (folder / "heads.png").exists()  # the new profile has no heads to plot
+    assert _manifest(folder)["profile"]["outputs"] == ["profile.json", "layers.png"]
+    assert "Importance of each head" not in (folder / "report.md").read_text()
+
+
+def test_a_tampered_manifest_cannot_delete_outside_the_run_folder(tiny_folder, tmp_path):
+    from mi_opt.errors import MiOptError
+    from mi_opt.run import RunFolder
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = RunFolder(tmp_path / "t", {"export": {"hash": "x", "outputs": ["../victim.txt"], "finished": ""}})
+    (tmp_path / "t").mkdir()
+    with pytest.raises(MiOptError, match="not a file in the run folder"):
+        folder.forget("export")
+    assert victim.read_text() == "keep me"
