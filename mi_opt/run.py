@@ -134,7 +134,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     ran, reused = [], []
     spec = recipe.model.name
     model, tokenizer = load_model(spec, dtype=recipe.model.dtype, device=recipe.model.device)
-    fingerprint = model_fingerprint(model)
+    fingerprint = model_fingerprint(model, tokenizer)  # the tokenizer makes the windows: it keys the stages too
     sections = recipe.section_dict("model", "data", "profile", "policy", "evaluate")
 
     def windows():

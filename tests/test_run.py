@@ -161,3 +161,17 @@ def test_a_tampered_manifest_cannot_delete_outside_the_run_folder(tiny_folder, t
     with pytest.raises(MiOptError, match="not a file in the run folder"):
         folder.forget("export")
     assert victim.read_text() == "keep me"
+
+
+def test_weights_changed_past_the_first_values_recompute_every_stage(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny(tmp_path / "m")
+    run(_recipe(str(model_dir)), tmp_path / "t", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.view(-1)[-1] += 0.5
+    model.save_pretrained(model_dir)
+    again = run(_recipe(str(model_dir)), tmp_path / "t", progress=False)
+    assert again.stages_reused == [] and "export" in again.stages_run
