@@ -108,7 +108,7 @@ def _reload(tmp: Path, sidecar: dict, model: nn.Module) -> nn.Module:
         return load_compressed(tmp)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype,
+    return AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype, trust_remote_code=False,
                                                 attn_implementation=model.config._attn_implementation).eval()
 
 
@@ -183,7 +183,10 @@ def _load_weights_(model: nn.Module, folder: Path) -> None:
 
 
 def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: str | None = None) -> nn.Module:
-    """Load any mi-opt export: rebuild the per-layer shapes the sidecar records, then the weights."""
+    """Load any mi-opt export: rebuild the per-layer shapes the sidecar records, then the weights.
+
+    An export never needs custom modeling code, so a folder's auto_map is never run (trust_remote_code=False).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -193,9 +196,10 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
     if not (folder / SIDECAR).is_file():
         if not (folder / "config.json").is_file():
             raise MiOptError(f"{folder} is not a model folder (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation,
+                                                    trust_remote_code=False).to(device).eval()
     sidecar = read_json(folder / SIDECAR, SCHEMA, VERSION)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # quantized modules are rebuilt below, module by module
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}

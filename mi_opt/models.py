@@ -140,17 +140,19 @@ def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu",
-               max_memory: dict | None = None) -> tuple[nn.Module, object]:
+               max_memory: dict | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) in eval mode.
 
     spec: bundled name, local folder, .gguf file or hub id. device: "cpu", "cuda",
-    "cuda:N" or "auto" (accelerate's device_map, honouring max_memory).
+    "cuda:N" or "auto" (accelerate's device_map, honouring max_memory). trust_remote_code:
+    run Python files a model folder ships (its config's auto_map); off unless the user says
+    --trust-remote-code, so transformers never asks on a terminal and never runs them by default.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
     source, gguf_file = resolve_model_path(spec)
-    kwargs: dict = {"dtype": torch_dtype}
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
         from transformers import GgufConfig
 
@@ -161,9 +163,15 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu"
         raise MiOptError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:
         raise MiOptError(f"could not load model {spec!r}: {err}") from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise MiOptError(f"model {spec!r} needs its own Python code to load (auto_map in its config); mi-opt "
+                         "does not run it: pass --trust-remote-code only if you trust its author") from None
     if device != "auto":
         model.to(device)
     model.eval()

@@ -114,8 +114,12 @@ def _log(message: str) -> None:
 
 
 def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None = None,
-        progress: bool = True) -> RunResult:
-    """Run a recipe end to end into out_dir, resuming finished stages. Returns where the report is."""
+        progress: bool = True, trust_remote_code: bool = False, trust_task_code: bool = False) -> RunResult:
+    """Run a recipe end to end into out_dir, resuming finished stages. Returns where the report is.
+
+    trust_remote_code / trust_task_code: the user's --trust-* flags (models.py, evaluate/tasks.py);
+    they are arguments, not recipe keys, because a recipe is a file someone else may have written.
+    """
     from mi_opt.arch import get_adapter
     from mi_opt.data import token_windows
     from mi_opt.evaluate import EvalResult, evaluate
@@ -133,7 +137,8 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     (folder.root / "recipe.yaml").write_text(recipe.to_yaml())
     ran, reused = [], []
     spec = recipe.model.name
-    model, tokenizer = load_model(spec, dtype=recipe.model.dtype, device=recipe.model.device)
+    model, tokenizer = load_model(spec, dtype=recipe.model.dtype, device=recipe.model.device,
+                                  trust_remote_code=trust_remote_code)
     fingerprint = model_fingerprint(model, tokenizer)  # the tokenizer makes the windows: it keys the stages too
     sections = recipe.section_dict("model", "data", "profile", "policy", "evaluate")
 
@@ -179,7 +184,8 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         reused.append("eval_original")
     else:
         _log("evaluating the original model")
-        base_eval = evaluate(model, tokenizer, recipe.evaluate, spec=spec, progress=progress)
+        base_eval = evaluate(model, tokenizer, recipe.evaluate, spec=spec, progress=progress,
+                             trust_task_code=trust_task_code)
         base_eval.save(base_path)
         ran.append("eval_original")
     write_json(folder.root / "eval_original.json", base_eval.to_dict())
@@ -201,7 +207,8 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     else:
         folder.forget("eval_compressed")
         _log("evaluating the compressed model")
-        comp_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}]", progress=progress)
+        comp_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}]", progress=progress,
+                             trust_task_code=trust_task_code)
         comp_eval.save(folder.root / "eval_compressed.json")
         folder.mark("eval_compressed", compressed_key, ["eval_compressed.json"])
         ran.append("eval_compressed")

@@ -62,3 +62,22 @@ def test_unsupported_architecture_folder(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "opt")
     with pytest.raises(MiOptError, match="unsupported architecture 'opt'"):
         load_model(str(tmp_path / "opt"))
+
+
+def test_a_model_folder_with_custom_code_runs_nothing(tmp_path, monkeypatch):
+    import json
+
+    folder = save_tiny(tmp_path / "evil")
+    ran = tmp_path / "RAN_CUSTOM_CODE"
+    (folder / "evil.py").write_text(f"open({str(ran)!r}, 'w').close()\n"
+                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                    "class EvilConfig(LlamaConfig):\n    model_type = 'mi_opt_evil'\n"
+                                    "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mi_opt_evil", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                      "AutoModelForCausalLM": "evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # a user who answers yes on a terminal
+    with pytest.raises(MiOptError, match="needs its own Python code.*--trust-remote-code"):
+        load_model(str(folder))
+    assert not ran.exists()

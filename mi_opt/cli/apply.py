@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mi_opt.cli.eval import add_trust_arguments
 from mi_opt.errors import MiOptError
 
 
@@ -16,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sample", metavar="PROMPT", help="print a greedy continuation of PROMPT from the exported model")
+    add_trust_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     profile = ImportanceProfile.load(profile_path) if profile_path and Path(profile_path).is_file() else None
     if args.profile and profile is None:
         raise MiOptError(f"--profile {args.profile} does not exist")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
+                                  trust_remote_code=args.trust_remote_code)
     before = sum(p.numel() for p in model.parameters())
     apply_(model, plan)
     after = sum(p.numel() for p in model.parameters())

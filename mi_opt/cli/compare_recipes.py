@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mi_opt.cli.eval import add_trust_arguments
 from mi_opt.errors import MiOptError
 
 
@@ -11,6 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipes", nargs="+", help="recipe YAML files")
     p.add_argument("--out", default="runs", help="parent folder of the runs; the comparison goes to OUT/comparison")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_trust_arguments(p, task_code=True)
 
 
 def compare_runs(folders: list[Path], out: Path) -> dict:
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise MiOptError(f"recipe names must differ (each runs in its own folder): {names}")
     paths = [run_folder(args.out, r.name) for r in recipes]
-    folders = [run_recipe(r, path).folder for r, path in zip(recipes, paths)]
+    folders = [run_recipe(r, path, trust_remote_code=args.trust_remote_code, trust_task_code=args.trust_task_code).folder
+               for r, path in zip(recipes, paths)]
     compare_runs(folders, Path(args.out) / "comparison")
     return 0

@@ -30,6 +30,17 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded; default: torch's)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
+    add_trust_arguments(p, task_code=True)
+
+
+def add_trust_arguments(p: argparse.ArgumentParser, task_code: bool = False) -> None:
+    """The opt-ins to running code that came with data (a model folder, a task file): off by default."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python files a model folder ships (its config's auto_map); only for authors you trust")
+    if task_code:
+        p.add_argument("--trust-task-code", action="store_true",
+                       help="let task files from outside mi-opt import Python (!function) and render templates "
+                            "unsandboxed; only for authors you trust")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -46,11 +57,11 @@ def config_from_args(args: argparse.Namespace):
     if "tasks" in config.parts:  # a misspelled task fails before any model is loaded
         from mi_opt.evaluate.tasks import resolve_tasks
 
-        resolve_tasks(config.tasks)
+        resolve_tasks(config.tasks, args.trust_task_code)
     return config
 
 
-def load_any(spec: str, dtype: str = "fp32", device: str = "cpu"):
+def load_any(spec: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
     """(model, tokenizer, folder or None) for a bundled name, folder, mi-opt export, .gguf or hub id.
 
     mi-opt exports (a folder with the compression sidecar) go through load_compressed, which
@@ -68,11 +79,11 @@ def load_any(spec: str, dtype: str = "fp32", device: str = "cpu"):
             from mi_opt.export import load_compressed
 
             model = load_compressed(path, device=device)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
             return model, tokenizer, path
-        model, tokenizer = load_model(spec, dtype=dtype, device=device)
+        model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         folder, gguf = resolve_model_path(spec)
     except MiOptError:
         raise
@@ -88,9 +99,9 @@ def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
     from mi_opt.evaluate import evaluate
 
     config = config or config_from_args(args)
-    model, tokenizer, on_disk = load_any(spec, args.dtype, args.device)
+    model, tokenizer, on_disk = load_any(spec, args.dtype, args.device, args.trust_remote_code)
     folder = on_disk if on_disk is not None and on_disk.is_dir() else None
-    result = evaluate(model, tokenizer, config, spec=spec, folder=folder)
+    result = evaluate(model, tokenizer, config, spec=spec, folder=folder, trust_task_code=args.trust_task_code)
     result.model["dtype_loaded"] = args.dtype
     if on_disk is not None and on_disk.is_file() and result.speed:  # a GGUF: its bytes on disk are the file
         result.speed.update(size_bytes=on_disk.stat().st_size, size_kind="disk (gguf)")

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mi_opt.cli.eval import add_trust_arguments
 from mi_opt.errors import MiOptError
 
 
@@ -19,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="planner options as a JSON file (flags above override it)")
     p.add_argument("--model", help="model the profile scored (default: the spec recorded in the profile)")
     p.add_argument("--out", default="runs/plan.json", help="where to write the plan")
+    add_trust_arguments(p)
 
 
 def _value(text: str):
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     spec = args.model or profile.model.get("spec")
     if not spec:
         raise MiOptError("the profile records no model spec; pass --model")
-    model, tokenizer = load_model(spec)
+    model, tokenizer = load_model(spec, trust_remote_code=args.trust_remote_code)
     windows = _windows(profile, tokenizer)
     plan = make_plan(profile, args.planner, config, model, windows=windows)
     plan.model["spec"] = spec

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from mi_opt.cli.eval import add_trust_arguments
 from mi_opt.errors import MiOptError
 from mi_opt.units import KINDS
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-shards", type=int, default=None, help="number of shards (default: one per rank)")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds ranks wait for each other")
     p.add_argument("--out", default="runs/profile", help="output folder")
+    add_trust_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if is_distributed() and device.startswith("cuda"):
         device = str(rank_device())  # cuda:LOCAL_RANK, or every rank would land on cuda:0
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
     from mi_opt.arch import get_adapter
 
     windows = token_windows(tokenizer, args.data, args.n_samples, args.seq_len, split="calibration",

@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mi_opt.cli.eval import add_trust_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipes", nargs="+", help="recipe YAML files (see recipes/)")
     p.add_argument("--out", default="runs", help="parent folder: each recipe runs in OUT/<recipe name>")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_trust_arguments(p, task_code=True)  # a flag, never a recipe key: recipes are shared files
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     folders = [run_folder(args.out, r.name) for r in recipes]
     results = []
     for recipe, folder in zip(recipes, folders):
-        result = run_recipe(recipe, folder)
+        result = run_recipe(recipe, folder, trust_remote_code=args.trust_remote_code,
+                            trust_task_code=args.trust_task_code)
         print(f"{recipe.name}: ran {', '.join(result.stages_run) or 'nothing'}; "
               f"reused {', '.join(result.stages_reused) or 'nothing'}\n  report: {result.report}")
         results.append(result)

@@ -44,17 +44,18 @@ def _model_info(model: nn.Module, spec: str | None) -> dict:
 
 
 def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec: str | None = None,
-             folder: str | Path | None = None, progress: bool = True) -> EvalResult:
+             folder: str | Path | None = None, progress: bool = True, trust_task_code: bool = False) -> EvalResult:
     """Measure `model` as configured; the model is used in memory and left unchanged.
 
     spec: how the model was named (recorded only). folder: where its weights live on disk,
-    so the size reported is bytes on disk rather than bytes in memory.
+    so the size reported is bytes on disk rather than bytes in memory. trust_task_code: the
+    user's --trust-task-code, never a recipe's (evaluate/tasks.py).
     """
     config = config or EvalConfig()
     model.eval()
     device = config.device
     # A misspelled task should fail now, not after minutes of perplexity.
-    resolved = resolve_tasks(config.tasks) if "tasks" in config.parts else None
+    resolved = resolve_tasks(config.tasks, trust_task_code) if "tasks" in config.parts else None
     with _threads(config.threads) as threads:
         settings = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as eval.json holds them
         settings["threads"] = threads
@@ -67,7 +68,7 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec
         if "tasks" in config.parts:
             started = time.perf_counter()
             result.tasks = run_tasks(model, tokenizer, config.tasks, config.task_limit, config.task_batch_size,
-                                     device, config.seed, resolved)
+                                     device, config.seed, resolved, trust_task_code)
             result.wall_time_s["tasks"] = round(time.perf_counter() - started, 2)
         if "speed" in config.parts:
             started = time.perf_counter()

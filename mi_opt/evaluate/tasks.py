@@ -4,6 +4,10 @@ The model is wrapped as `HFLM(pretrained=model, tokenizer=tokenizer)`, so a comp
 is evaluated without being saved first. Tasks are either mi-opt's own (YAML + JSONL under
 mi_opt/tasks/, offline), a path to a task YAML written the same way, or any standard
 lm-eval task name (those download their dataset, so they need a network).
+
+Task files are data, so those from outside mi_opt/tasks run no code unless the user says
+`--trust-task-code`: their templates render in Jinja's sandbox (evaluate/sandbox.py) and their
+`!function` entries, which import a Python file next to the YAML, are refused.
 """
 from __future__ import annotations
 
@@ -23,17 +27,51 @@ REQUIRED = ("task", "dataset_path", "output_type", "doc_to_text", "doc_to_target
 N_EXAMPLES = 3  # model outputs kept per task in eval.json, so a score can be sanity-checked
 
 
-def read_task_file(path: str | Path) -> dict:
+TRUST_HINT = "pass --trust-task-code only if you trust the file's author"
+
+
+class _PythonInTask(Exception):
+    """A `!function` tag met while reading an untrusted task file."""
+
+
+def is_packaged(path: str | Path) -> bool:
+    """Whether a task file is one of mi-opt's own (mi_opt/tasks/), whose code is trusted."""
+    return TASK_DIR in Path(path).resolve().parents
+
+
+def _task_loader(path: Path, trust_code: bool) -> type:
+    """yaml.SafeLoader plus lm-eval's `!function` tag: imported when trusted, refused otherwise."""
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def function(loader, node):
+        if not trust_code:
+            raise _PythonInTask(loader.construct_scalar(node))
+        from lm_eval.utils import import_function
+
+        return import_function(loader, node, yaml_path=path)
+
+    Loader.add_constructor("!function", function)
+    return Loader
+
+
+def read_task_file(path: str | Path, trust_code: bool = False) -> dict:
     """A task YAML as an lm-eval config dict, checked, with its data files made absolute.
 
     Relative `dataset_kwargs.data_files` are read relative to the YAML's folder, so a task
-    folder works from any working directory.
+    folder works from any working directory. trust_code: allow `!function` (imports Python).
     """
     path = Path(path)
     if not path.is_file():
         raise MiOptError(f"task file {path} does not exist")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        config = yaml.load(text, Loader=_task_loader(path, trust_code or is_packaged(path)))  # noqa: S506
+    except UnicodeDecodeError as err:
+        raise MiOptError(f"task file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except _PythonInTask as err:
+        raise MiOptError(f"task file {path}: `!function {err}` would import and run Python code; "
+                         f"{TRUST_HINT}") from None
     except yaml.YAMLError as err:
         raise MiOptError(f"task file {path} is not valid YAML: {err}") from err
     if not isinstance(config, dict):
@@ -71,7 +109,12 @@ def local_tasks() -> dict[str, Path]:
     return out
 
 
-def resolve_tasks(names: list[str] | tuple[str, ...]) -> tuple[list, object]:
+def untrusted_files(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The task names that are YAML files from outside mi-opt's package."""
+    return [n for n in names if n.endswith((".yaml", ".yml")) and not is_packaged(n)]
+
+
+def resolve_tasks(names: list[str] | tuple[str, ...], trust_task_code: bool = False) -> tuple[list, object]:
     """(task specs for lm-eval, TaskManager) for local names, YAML paths or lm-eval names.
 
     lm-eval's full index (about 15k names) takes seconds to build, so it is built only when
@@ -85,7 +128,7 @@ def resolve_tasks(names: list[str] | tuple[str, ...]) -> tuple[list, object]:
         if name in local:
             specs.append(read_task_file(local[name]))
         elif name.endswith((".yaml", ".yml")):
-            specs.append(read_task_file(name))
+            specs.append(read_task_file(name, trust_task_code))
         else:
             hub.append(name)
             specs.append(name)
@@ -111,15 +154,22 @@ def _clean(value):
 
 def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int | None = None,
               batch_size: int = 8, device: str | torch.device | None = None, seed: int = 0,
-              resolved: tuple | None = None) -> dict:
+              resolved: tuple | None = None, trust_task_code: bool = False) -> dict:
     """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, ...}}.
 
     resolved: resolve_tasks(names) done earlier (evaluate() checks names before any work).
+    trust_task_code: render task files from outside mi_opt/tasks without Jinja's sandbox.
     """
+    from contextlib import nullcontext
+
+    from jinja2.exceptions import SecurityError
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    specs, manager = resolved or resolve_tasks(names)
+    from mi_opt.evaluate.sandbox import sandboxed_templates
+
+    specs, manager = resolved or resolve_tasks(names, trust_task_code)
+    untrusted = [] if trust_task_code else untrusted_files(names)
     if tokenizer.pad_token is None:  # batched generation pads on the left with this token
         tokenizer.pad_token = tokenizer.eos_token
     # lm-eval warns at length that `pretrained` is an object, which is exactly the intent here.
@@ -127,10 +177,15 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               device=str(device) if device is not None else None)
     try:
-        out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
-                              bootstrap_iters=0, log_samples=True, gen_kwargs={"do_sample": False},
-                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed)
+        with sandboxed_templates() if untrusted else nullcontext():
+            out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
+                                  bootstrap_iters=0, log_samples=True, gen_kwargs={"do_sample": False},
+                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed)
+    except SecurityError as err:
+        raise MiOptError(f"a template in {', '.join(untrusted)} reaches Python internals ({err}); task files "
+                         f"from outside mi_opt/tasks render in Jinja's sandbox: fix the template, or "
+                         f"{TRUST_HINT}") from None
     except (FileNotFoundError, ConnectionError) as err:
         raise MiOptError(f"lm-eval could not load a task's data ({err}); standard lm-eval tasks need a "
                          f"network, mi-opt's own tasks ({', '.join(local_tasks())}) do not") from err

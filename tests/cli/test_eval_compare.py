@@ -63,3 +63,24 @@ def test_broken_model_folder(tmp_path, capsys):
     (bad / "config.json").write_text('{"model_type": "llama", "hidden_size": "lots"}')
     assert main(["eval", str(bad), "--out", str(tmp_path / "e.json")]) == 2
     assert "could not load model" in capsys.readouterr().err
+
+
+def test_eval_of_a_task_file_whose_template_runs_code(folder, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from mi_opt.evaluate.tasks import TASK_DIR
+
+    pwned = tmp_path / "PWNED_FILE"
+    config = yaml.safe_load((TASK_DIR / "arithmetic.yaml").read_text())
+    for name in config["dataset_kwargs"]["data_files"].values():
+        shutil.copy(TASK_DIR / name, tmp_path / name)
+    config.update(task="evil", doc_to_text=f"{{{{ cycler.__init__.__globals__.os.system('touch {pwned}') }}}}")
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval.json"
+    code = main(["eval", folder, "--out", str(out), "--parts", "tasks", "--tasks", str(tmp_path / "evil.yaml"),
+                 "--limit", "2"])
+    assert code == 2 and not pwned.exists() and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mi-opt eval: error:") and "reaches Python internals" in err and "--trust-task-code" in err

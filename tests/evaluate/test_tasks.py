@@ -82,3 +82,47 @@ def test_task_file_other_mistakes(tmp_path):
     (tmp_path / "c.yaml").write_text("- just\n- a list\n")
     with pytest.raises(MiOptError, match="mapping"):
         read_task_file(tmp_path / "c.yaml")
+
+
+def _user_task(tmp_path, **fields) -> str:
+    """A copy of the shipped arithmetic task in tmp_path (outside the package), with fields replaced."""
+    config = yaml.safe_load((TASK_DIR / "arithmetic.yaml").read_text())
+    for name in ("arithmetic.jsonl", "arithmetic_fewshot.jsonl"):
+        shutil.copy(TASK_DIR / name, tmp_path / name)
+    config.update(task="user_arithmetic", **fields)
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_task_template_cannot_run_code(smol_tiny, tmp_path):
+    pwned = tmp_path / "PWNED_FILE"
+    evil = _user_task(tmp_path, doc_to_text=f"{{{{ cycler.__init__.__globals__.os.system('touch {pwned}') }}}}")
+    model, tok = smol_tiny
+    with pytest.raises(MiOptError, match="reaches Python internals.*--trust-task-code"):
+        run_tasks(model, tok, [evil], limit=2, batch_size=2)
+    assert not pwned.exists()
+    import lm_eval.utils
+    from jinja2.sandbox import SandboxedEnvironment
+
+    assert not isinstance(lm_eval.utils.env, SandboxedEnvironment)  # lm-eval's own environment is back
+
+
+def test_a_user_task_with_safe_templates_runs_in_the_sandbox(smol_tiny, tmp_path):
+    model, tok = smol_tiny
+    plain = run_tasks(model, tok, ["miopt_arithmetic"], limit=2, batch_size=2)["miopt_arithmetic"]
+    user = run_tasks(model, tok, [_user_task(tmp_path)], limit=2, batch_size=2)["user_arithmetic"]
+    assert user["metrics"] == plain["metrics"] and user["examples"][0]["prompt_end"] == plain["examples"][0]["prompt_end"]
+
+
+def test_function_tags_import_code_only_when_trusted(tmp_path):
+    ran = tmp_path / "IMPORTED"
+    (tmp_path / "evil.py").write_text(f"open({str(ran)!r}, 'w').close()\ndef text(doc):\n    return 'x'\n")
+    path = _user_task(tmp_path)
+    path_text = open(path).read().replace("doc_to_text:", "doc_to_text: !function evil.text\nold_text:")
+    open(path, "w").write(path_text)
+    with pytest.raises(MiOptError, match=r"!function evil.text` would import and run Python code"):
+        resolve_tasks([path])
+    assert not ran.exists()
+    config = read_task_file(path, trust_code=True)
+    assert callable(config["doc_to_text"]) and ran.exists()
