@@ -24,7 +24,23 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
-def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None) -> str:
+def _heal_lines(heal) -> list[str]:
+    c, cost, kl = heal.config, heal.cost, heal.kl_to_teacher
+    what = {"localized": "only the layers next to each removed block or pruned layer "
+                         f"(student layers {heal.trained.get('layers')})",
+            "lora": f"LoRA adapters (rank {c['lora_rank']}), merged into the weights: the checkpoint has no adapters",
+            "all": "every weight", "local": f"the layers next to each damaged site ({heal.trained.get('layers')})"}
+    data = heal.data
+    return [f"- Healed after compression ({c['method']}): trained {what[heal.trained['mode']]} toward the original "
+            f"model, on {cost['tokens'] or data.get('tokens', 0):,} tokens of calibration text "
+            f"(`{data.get('source')}`, calibration split"
+            + (f", {data['self_generated_windows']} windows written by the original itself" if
+               data.get("self_generated_windows") else "") + f") in {cost['wall_time_s']:.0f} s. "
+            f"KL to the original on training windows: {kl['before']:.4f} -> {kl['after']:.4f} nats/token. "
+            "Details in `heal.json`."]
+
+
+def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, heal=None) -> str:
     src = plan.model.get("spec") or "the source model"
     lines = [f"# {src}, compressed with mi-opt", "",
              f"Made from `{src}` (fingerprint `{plan.model.get('fingerprint')}`) by the mi-opt planner "
@@ -51,6 +67,8 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None) 
             + "; the rest full precision.")
     if plan.is_empty():
         lines.append("- Nothing: the plan was empty.")
+    if heal is not None:
+        lines += _heal_lines(heal)
     lines += ["", f"Layers: {sidecar['n_layers']}; query heads per layer: {[h for h, _ in sidecar['heads']]}; "
               f"KV heads per layer: {[kv for _, kv in sidecar['heads']]}.",
               f"Parameters: {sidecar['parameters']:,}"
@@ -77,5 +95,6 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None) 
               "- `model.safetensors`, `config.json`, tokenizer files: the checkpoint.",
               "- `plan.json`: the compression plan (budget, predicted size, planner settings).",
               "- `mi-opt-compression.json`: per-layer shapes and quantization metadata the loader reads.",
-              "- `profile.json` (when present): the importance scores the plan came from.", ""]
+              "- `profile.json` (when present): the importance scores the plan came from.",
+              "- `heal.json` (when present): how the model was healed after compression.", ""]
     return "\n".join(lines)

@@ -146,11 +146,12 @@ def _all_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 
 def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: str = "calibration",
-                  seed: int = 0, max_positions: int | None = None) -> torch.Tensor:
+                  seed: int = 0, max_positions: int | None = None, cycle: bool = False) -> torch.Tensor:
     """A (n_samples, seq_len) LongTensor of non-overlapping windows from one split.
 
     Deterministic for a fixed (source, tokenizer, seq_len, seed). Raises a clear error when
-    seq_len exceeds the model's context or the corpus has too few windows.
+    seq_len exceeds the model's context or the corpus has too few windows, unless `cycle`
+    (training data): then every window is used once per epoch, each epoch in a new order.
     """
     if split not in SPLITS:
         raise MiOptError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -172,6 +173,10 @@ def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: s
         pool = windows[is_eval] if split == "evaluation" else windows[~is_eval]
         pools.append(pool[torch.randperm(len(pool), generator=generator)])
     available = sum(len(p) for p in pools)
+    if cycle and available < n_samples:
+        epochs = [torch.cat(pools)[torch.randperm(available, generator=generator)]
+                  for _ in range(-(-n_samples // available))]
+        return torch.cat(epochs)[:n_samples]
     if available < n_samples:
         raise MiOptError(
             f"corpus {source!r} has only {available} {split} windows of {seq_len} tokens, "

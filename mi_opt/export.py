@@ -113,8 +113,10 @@ def _reload(tmp: Path, sidecar: dict, model: nn.Module) -> nn.Module:
 
 
 def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Path, profile=None,
-           eval_results: dict | None = None, force: bool = False) -> Path:
-    """Write the compressed `model` to out_dir atomically, verified by a reload; returns out_dir."""
+           eval_results: dict | None = None, force: bool = False, heal=None) -> Path:
+    """Write the compressed `model` to out_dir atomically, verified by a reload; returns out_dir.
+
+    heal: the HealRecord when the model was healed after compression (shipped as heal.json)."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise MiOptError(f"{out} already exists; choose another folder or pass force=True (--force) to replace it")
@@ -142,7 +144,9 @@ def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Pa
         plan.save(tmp / "plan.json")
         if profile is not None:
             profile.save(tmp / "profile.json")
-        (tmp / "README.md").write_text(model_card(plan, sidecar, eval_results))
+        if heal is not None:
+            heal.save(tmp / "heal.json")
+        (tmp / "README.md").write_text(model_card(plan, sidecar, eval_results, heal))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,7 @@
     data:     calibration text and windows
     profile:  scorer name + its options (mi_opt.profile.scorers)
     policy:   planner name + its options (mi_opt.policy)
+    heal:     optional recovery after apply: HealConfig fields (mi_opt.heal.config)
     evaluate: EvalConfig fields (mi_opt.evaluate.config)
     export:   whether to write a checkpoint
 
@@ -25,6 +26,7 @@ import yaml
 
 from mi_opt.errors import MiOptError
 from mi_opt.evaluate.config import EvalConfig, SpeedConfig
+from mi_opt.heal.config import HealConfig
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
     policy: PolicySection = field(default_factory=PolicySection)
+    heal: HealConfig | None = None  # recovery after apply (mi_opt.heal); None = none, {} = the defaults
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     export: ExportSection = field(default_factory=ExportSection)
 
@@ -220,4 +223,4 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 __all__ = ["Recipe", "ModelSection", "DataSection", "ProfileSection", "PolicySection", "ExportSection",
-           "EvalConfig", "SpeedConfig", "load_recipe", "recipe_from_dict", "build"]
+           "EvalConfig", "SpeedConfig", "HealConfig", "load_recipe", "recipe_from_dict", "build"]

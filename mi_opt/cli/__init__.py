@@ -13,6 +13,7 @@ VERBS = {
     "profile": "Score every unit by causal ablation; writes profile.json and plots.",
     "plan": "Turn a profile and a budget into plan.json (layers to drop, heads to prune, bits).",
     "apply": "Apply plan.json to the model for real and export a verified checkpoint.",
+    "heal": "Distill a compressed checkpoint back toward its original model; export it verified.",
     "eval": "Perplexity, benchmark tasks and speed of one model; writes eval.json.",
     "compare": "Table and Pareto plot of eval.json files and/or models against the first.",
     "run": "Run recipes end to end: profile, plan, evaluate, apply, evaluate, export, report.",

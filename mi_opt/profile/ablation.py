@@ -104,7 +104,7 @@ def _naive(model, adapter, units, batches, config, means, bar) -> tuple[dict, fl
 
 
 # --- fast engine ------------------------------------------------------------------
-class _LayerInputs:
+class LayerInputs:
     """The residual stream entering each layer and the extra args each layer was called with."""
 
     def __init__(self, adapter: ArchAdapter, stride: int = 1):
@@ -226,10 +226,12 @@ class _CleanReference:
         return torch.cat(nll_rows), torch.cat(kl_rows)
 
 
-def _run_from(adapter: ArchAdapter, start: int, hidden: torch.Tensor, inputs: _LayerInputs,
-              batch: int, times: int) -> torch.Tensor:
+def run_layers(adapter: ArchAdapter, start: int, hidden: torch.Tensor, inputs: LayerInputs,
+               batch: int, times: int = 1, stop: int | None = None) -> torch.Tensor:
+    """Layers start..stop-1 (default: to the end) replayed on `hidden` with the recorded extra
+    args; `times` copies of the batch stacked along dim 0 share the recorded masks."""
     layers = adapter.layers()
-    for i in range(start, len(layers)):
+    for i in range(start, len(layers) if stop is None else stop):
         args, kwargs = inputs.extra[i]
         out = layers[i](hidden, *_repeat_rows(args, batch, times), **_repeat_rows(kwargs, batch, times))
         hidden = out[0] if isinstance(out, tuple) else out
@@ -256,7 +258,7 @@ def _fast(model, adapter, units, batches, config, means, bar) -> tuple[dict, flo
     base_losses, layer_rows = [], 0
     stride = _cache_stride(adapter, batches[0], config.cache_budget_mb)
     for ids in batches:
-        inputs = _LayerInputs(adapter, stride)
+        inputs = LayerInputs(adapter, stride)
         with attached(inputs.hooks()):
             adapter.decoder()(ids, use_cache=False)
         batch = ids.shape[0]
@@ -272,7 +274,7 @@ def _fast(model, adapter, units, batches, config, means, bar) -> tuple[dict, flo
                 cached = inputs.hidden[start]
                 start_hidden = cached.repeat(len(group), *[1] * (cached.dim() - 1))
                 with attached(hooks):
-                    final = _run_from(adapter, start, start_hidden, inputs, batch, len(group))
+                    final = run_layers(adapter, start, start_hidden, inputs, batch, len(group))
                 nll, kl = clean.score(final)
                 layer_rows += (n_layers - start) * batch * len(group)
                 for j, u in enumerate(group):

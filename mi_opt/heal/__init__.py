@@ -1,0 +1,201 @@
+"""Recovery after compression: `heal_(student, teacher, plan, config)` trains the compressed model
+back toward the original in place, and returns a HealRecord (heal.json).
+
+Healing changes weights, never structure: the healed model exports and loads exactly where the
+unhealed one did. What trains is chosen from the plan (mi_opt.heal.sites): the layers around
+each removed block or head-pruned layer, LoRA adapters (merged at the end, so the checkpoint
+stays plain), or every weight.
+"""
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mi_opt.arch import get_adapter
+from mi_opt.artifacts import model_fingerprint
+from mi_opt.errors import MiOptError
+from mi_opt.heal.config import METHODS, TRAINS, HealConfig
+from mi_opt.heal.data import training_windows
+from mi_opt.heal.losses import forward_kl
+from mi_opt.heal.record import WEIGHTS, HealRecord, load_changed_, save_changed
+from mi_opt.heal.sites import Block, damage_blocks
+from mi_opt.plan import CompressionPlan
+
+__all__ = ["heal_", "HealConfig", "HealRecord", "METHODS", "TRAINS", "WEIGHTS", "check_compatible",
+           "kl_to_teacher", "load_changed_", "save_changed"]
+
+PROBE_WINDOWS = 4   # training windows on which KL to the teacher is measured before and after
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module, student_tokenizer=None, teacher_tokenizer=None) -> None:
+    """A teacher must predict over the same vocabulary, token for token, or the KL compares nothing."""
+    sv = student.config.get_text_config().vocab_size
+    tv = teacher.config.get_text_config().vocab_size
+    if sv != tv:
+        raise MiOptError(f"the teacher's vocabulary has {tv} entries and the student's {sv}: heal with the original "
+                         "model the checkpoint was compressed from")
+    if student_tokenizer is not None and teacher_tokenizer is not None \
+            and student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise MiOptError("the teacher's tokenizer differs from the student's: heal with the original model the "
+                         "checkpoint was compressed from")
+
+
+def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 2) -> float:
+    """Mean KL(teacher || student) per token on `windows`."""
+    device = next(student.parameters()).device
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            ids = windows[i:i + batch_size].to(device)
+            kl = forward_kl(student(ids, use_cache=False).logits, teacher(ids, use_cache=False).logits)
+            total += kl.item() * len(ids)
+    return total / len(windows)
+
+
+def _quantized(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+
+
+def _decoder_linears(model: nn.Module) -> list[str]:
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for layer in adapter.layers() for m in adapter.linear_modules(layer).values()]
+
+
+def _layer_params(model: nn.Module, layers: list[int]) -> list[str]:
+    adapter = get_adapter(model)
+    wanted = {id(p) for i in layers for p in adapter.layers()[i].parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in wanted]
+
+
+def _selection(student: nn.Module, config: HealConfig, blocks: list[Block]) -> tuple[str, list[str]]:
+    """("params", names) to train directly, or ("lora", module names) to wrap with adapters."""
+    quantized = _quantized(student)
+    if config.train == "lora":
+        return "lora", _decoder_linears(student)
+    if config.train == "all":
+        if quantized:
+            raise MiOptError("heal.train 'all' cannot train quantized weights; use train 'lora' (QLoRA: adapters "
+                             "on the frozen quantized modules) or 'localized'")
+        return "params", [n for n, p in student.named_parameters() if p.is_floating_point()]
+    if blocks:
+        return "params", _layer_params(student, sorted({i for b in blocks for i in b.layers}))
+    if quantized:  # a bits-only plan: the damage is in the quantized modules, adapters go there
+        return "lora", quantized
+    raise MiOptError("heal: the plan removes and quantizes nothing, so there is nothing to heal")
+
+
+def _wrap_lora(student: nn.Module, modules: list[str], config: HealConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=modules, lora_dropout=0.0,
+                      bias="none", fan_in_fan_out=get_adapter(student).family == "gpt2")
+    return get_peft_model(student, lora)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config: HealConfig | None = None,
+          tokenizer=None, work_dir: str | Path | None = None, progress: bool = True,
+          callbacks: list | None = None) -> HealRecord:
+    """Heal `student` (the compressed model, changed in place) toward `teacher` (the original).
+
+    plan: the plan that made the student (it says where the damage is). work_dir: where
+    distillation keeps resumable checkpoints; a rerun with the same work_dir resumes.
+    """
+    from mi_opt.heal.distill import distill_
+    from mi_opt.heal.local import local_repair_
+
+    config = config or HealConfig()
+    if tokenizer is None:
+        raise MiOptError("heal_ needs the tokenizer to read its training text")
+    check_compatible(student, teacher)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    n_original = plan.model.get("n_layers") or get_adapter(teacher).n_layers()
+    blocks = damage_blocks(plan, n_original, config.radius)
+    if config.uses_local and not blocks:
+        raise MiOptError("heal.method 'local' repairs removed layers and pruned heads; this plan only quantizes: "
+                         "use method 'distill' (LoRA on the quantized modules)")
+    kind, names = _selection(student, config, blocks) if config.uses_distill else ("params", [])
+    device = next(student.parameters()).device
+    cost: dict = {}
+    grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    unhealed = model_fingerprint(student)
+
+    started = time.perf_counter()
+    n_windows = max(config.windows_needed(), config.local_windows if config.uses_local else 0)
+    windows, data_record = training_windows(tokenizer, teacher, config, n_windows,
+                                            get_adapter(student).max_positions(), progress)
+    cost["data_s"] = round(time.perf_counter() - started, 2)
+    probe = windows[:PROBE_WINDOWS]
+    kl_before = kl_to_teacher(student, teacher, probe)
+
+    local_report: list[dict] = []
+    changed: set[str] = set()
+    if config.uses_local:
+        started = time.perf_counter()
+        local_report = local_repair_(student, teacher, blocks, windows[:config.local_windows], config, progress)
+        changed.update(_layer_params(student, sorted({i for b in blocks for i in b.layers})))
+        cost["local_s"] = round(time.perf_counter() - started, 2)
+
+    distill_report: dict = {}
+    if config.uses_distill:
+        started = time.perf_counter()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        own_dir = work_dir is None
+        work = Path(tempfile.mkdtemp(prefix="mi-opt-heal-")) if own_dir else Path(work_dir)
+        try:
+            if kind == "lora":
+                trainable = _wrap_lora(student, names, config)
+            else:
+                params = dict(student.named_parameters())
+                for n in names:
+                    params[n].requires_grad_(True)
+                trainable = student
+            distill_report = distill_(student, trainable, teacher, windows[:config.windows_needed()], config, blocks,
+                                      work, progress, callbacks)
+            if kind == "lora":
+                trainable.merge_and_unload()  # folds the adapters into the weights: a plain checkpoint
+                changed.update(f"{m}.weight" for m in names)
+            else:
+                changed.update(names)
+        finally:
+            for n, p in student.named_parameters():
+                p.requires_grad_(grad_flags.get(n, False))
+            if own_dir:
+                shutil.rmtree(work, ignore_errors=True)
+        cost["distill_s"] = round(time.perf_counter() - started, 2)
+    student.eval()
+
+    kl_after = kl_to_teacher(student, teacher, probe)
+    n_trained = sum(p.numel() for n, p in student.named_parameters() if n in changed)
+    cost.update(tokens=config.tokens(), optimizer_steps=config.steps if config.uses_distill else 0,
+                peak_memory_mb=round(_peak_memory_mb(device), 1),
+                wall_time_s=round(sum(v for k, v in cost.items() if k.endswith("_s")), 2))
+    trained = {"mode": config.train if config.uses_distill else "local", "kind": kind,
+               "modules" if kind == "lora" else "parameters": names if kind == "lora" else len(names),
+               "layers": sorted({i for b in blocks for i in b.layers}), "changed_parameters": n_trained}
+    return HealRecord(config=_plain(config), trained=trained,
+                      blocks=[{"layers": b.layers, "teacher_point": b.teacher_point, "why": b.why} for b in blocks],
+                      data=data_record, local=local_report, distill=distill_report,
+                      kl_to_teacher={"before": kl_before, "after": kl_after, "windows": len(probe)},
+                      changed=sorted(changed), unhealed_fingerprint=unhealed, cost=cost)
+
+
+def _plain(config: HealConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
