@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -33,7 +34,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    return atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON only: NaN and Infinity are not JSON, and an artifact holding them hides a broken result."""
+    try:
+        text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError:
+        bad = _first_non_finite(payload)
+        if not bad:  # a circular reference: a bug, not a result
+            raise
+        raise MiOptError(f"refusing to write {path}: {bad} is not a finite number; "
+                         "the computation that produced it failed (look for an earlier NaN)") from None
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _first_non_finite(obj, where: str = "") -> str:
+    """The key path of the first NaN or infinity in plain data (for the error message)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'the value'} ({obj})"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return ""
 
 
 def read_json(path: str | Path, schema: str, max_version: int) -> dict:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -48,3 +49,16 @@ def test_the_tokenizer_counts_when_given():
     assert model_fingerprint(model, tok) == model_fingerprint(model, tiny_tokenizer())
     tok.add_tokens(["<extra>"])
     assert model_fingerprint(model, tok) != model_fingerprint(model, tiny_tokenizer())
+
+
+@pytest.mark.parametrize("payload,where", [
+    ({"scores": {"L3": {"delta_loss": float("nan")}}}, "scores.L3.delta_loss"),
+    ({"speed": [1.0, float("inf")]}, "speed.1"),
+])
+def test_write_json_refuses_nan_and_infinity(tmp_path, payload, where):
+    from mi_opt.artifacts import write_json
+    from mi_opt.errors import MiOptError
+
+    with pytest.raises(MiOptError, match=f"refusing to write .*: {where} .* is not a finite number"):
+        write_json(tmp_path / "a.json", payload)
+    assert not list(tmp_path.iterdir())  # neither the file nor a temporary one

@@ -19,6 +19,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
 from mi_opt.policy.base import PLANNERS, PlanContext, Planner, parse_config
 from mi_opt.policy.cost import ModelCost
+from mi_opt.profile.finite import check_profile
 from mi_opt.profile.importance import ImportanceProfile
 
 for _name in ("layer_skip", "head_prune", "combined", "bits"):
@@ -53,6 +54,7 @@ def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None,
     """Run one registered planner. `model` (loaded from the profile's spec when None) is only read."""
     planner = PLANNERS.get(planner_name)
     cfg = parse_config(planner.config_cls, config)
+    check_profile(profile)  # NaN scores sort arbitrarily: a plan from them would drop layers at random
     model = _model_for(profile, model)
     ctx = PlanContext(model=model, cost=ModelCost.from_model(model), windows=windows, progress=progress)
     plan = planner.fn(profile, cfg, ctx)

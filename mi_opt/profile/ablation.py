@@ -20,6 +20,7 @@ from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.artifacts import model_fingerprint
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
+from mi_opt.profile.finite import check_batches
 from mi_opt.profile.importance import ImportanceProfile, UnitScore
 from mi_opt.profile.interventions import ABLATIONS, MeanActivations, ablation_hooks, mean_collection_hooks
 from mi_opt.units import KINDS, Unit, enumerate_units
@@ -315,6 +316,7 @@ def profile_ablation(model, windows: torch.Tensor, config: AblationConfig | None
         with tqdm(total=len(units) * len(batches), desc=f"ablating ({config.engine})", unit="unit",
                   disable=not progress) as bar:
             per_batch, base_loss, cost = engine(model, adapter, units, batches, config, means, bar)
+    check_batches(per_batch)  # the first batch and unit where NaN or inf appeared, not a NaN profile
     cost["wall_time_s"] = round(time.perf_counter() - started, 3)
     cost["n_units"] = len(units)
     if means is not None:

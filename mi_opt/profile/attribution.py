@@ -39,6 +39,7 @@ from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
 from mi_opt.profile.ablation import _summarize, collect_means, input_device, model_summary
+from mi_opt.profile.finite import check_base_loss, check_batches
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, MeanActivations
 from mi_opt.units import KINDS, Unit, enumerate_units
@@ -190,6 +191,7 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
             nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             loss = nll.mean()
             base_losses.append(loss.item())
+            check_base_loss(base_losses[-1], len(base_losses) - 1)  # NaN probabilities cannot even be sampled
             keys = captured.grad_keys()
             diffs = _differences(captured.acts, keys, config.ablation, means)
             loss_dots = _unit_dots(adapter, units, _grads(loss, captured.acts, keys, retain=True), diffs)
@@ -210,6 +212,7 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
                 per_batch[key]["delta_loss"].append(dot)
                 per_batch[key]["kl"].append(kl_sums[key] / config.kl_samples)
         del captured, logp, nll, loss, diffs, probs
+    check_batches(per_batch)
     cost = {"wall_time_s": round(time.perf_counter() - started, 3), "n_units": len(units),
             "forwards": len(batches) * (2 if means is not None else 1),
             "backwards": len(batches) * (1 + config.kl_samples)}

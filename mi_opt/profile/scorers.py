@@ -20,6 +20,7 @@ from mi_opt.profile.attribution import AttributionConfig, profile_attribution
 from mi_opt.profile.baselines import (AngularDistanceConfig, BlockInfluenceConfig, RandomConfig,
                                       WeightMagnitudeConfig, profile_angular_distance,
                                       profile_block_influence, profile_random, profile_weight_magnitude)
+from mi_opt.profile.finite import check_profile
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.registry import Registry
 
@@ -53,7 +54,9 @@ class Scorer:
                              f"got {type(config).__name__}")
         if self.needs_data and (windows is None or len(windows) == 0):
             raise MiOptError(f"scorer {self.name!r} needs calibration windows; pass token windows (n x seq_len)")
-        return self.fn(model, windows, config, calibration=calibration, model_spec=model_spec, progress=progress)
+        profile = self.fn(model, windows, config, calibration=calibration, model_spec=model_spec, progress=progress)
+        check_profile(profile, f"scorer {self.name!r}")
+        return profile
 
 
 SCORERS: Registry[Scorer] = Registry("scorer")

@@ -65,3 +65,20 @@ def test_torchrun_two_processes_match_one(tiny_folder, tmp_path):
         assert abs(one[key]["delta_loss"] - two[key]["delta_loss"]) < 1e-5
         assert abs(one[key]["kl"] - two[key]["kl"]) < 1e-5
     assert len(list((tmp_path / "two" / "shards").glob("shard-*.json"))) == 2
+
+
+def test_profile_of_a_corrupted_checkpoint_stops_with_one_line(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny(tmp_path / "broken")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    out = tmp_path / "run"
+    code = main(["profile", str(folder), "--data", "kjv", "--n-samples", "4", "--seq-len", "16",
+                 "--batch-size", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "base loss on calibration batch 0 is not finite" in err[-1]
+    assert not (out / "profile.json").exists()
