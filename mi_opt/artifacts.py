@@ -20,12 +20,16 @@ from mi_opt.errors import MiOptError
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write via a temporary file in the same folder, then rename: never a half-written file."""
+    from mi_opt import tmpfiles
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmpfiles.remove_leftovers(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=tmpfiles.prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, tmpfiles.umask_mode(0o666))  # mkstemp's 0600 would hide it from a shared folder
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mi_opt import tmpfiles
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import read_json, versions, write_json
 from mi_opt.card import model_card
@@ -123,8 +124,7 @@ def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Pa
     if out.exists() and not out.is_dir():
         raise MiOptError(f"{out} exists and is not a folder")
     _check_model_matches_plan(model, plan)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
     try:
         quant = _write_checkpoint(model, tmp)
         if tokenizer is not None:
@@ -147,6 +147,7 @@ def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Pa
         if heal is not None:
             heal.save(tmp / "heal.json")
         (tmp / "README.md").write_text(model_card(plan, sidecar, eval_results, heal))
+        tmpfiles.apply_umask(tmp)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,7 +160,7 @@ def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=tmpfiles.prefix(out.name, "old"), dir=out.parent))
     old.rmdir()
     out.rename(old)
     try:

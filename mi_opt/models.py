@@ -9,7 +9,6 @@ import importlib
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -93,8 +92,9 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF file into a safetensors folder, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    from mi_opt import tmpfiles
+
+    tmp = tmpfiles.make_dir(out_dir.parent, out_dir.name)  # also clears what killed conversions left
     try:
         # Without dequantize=True, save_pretrained refuses a GGUF-quantized model.
         model = AutoModelForCausalLM.from_pretrained(
@@ -106,6 +106,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
             model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmpfiles.apply_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

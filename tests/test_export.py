@@ -133,3 +133,17 @@ def test_tied_embeddings_survive_load_compressed(bits, tmp_path):
     ids = tiny_windows(2, 12)
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_exports_follow_the_umask_not_mkdtemp(tmp_path):
+    import os
+
+    model = tiny_model()
+    before = os.umask(0o022)
+    try:
+        out = export(model, tiny_tokenizer(), _plan(model), tmp_path / "ckpt")
+    finally:
+        os.umask(before)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}[SIDECAR] == 0o644
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir() if p.is_file())
