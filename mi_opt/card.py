@@ -24,22 +24,6 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
-def _heal_lines(heal) -> list[str]:
-    c, cost, kl = heal.config, heal.cost, heal.kl_to_teacher
-    what = {"localized": "only the layers next to each removed block or pruned layer "
-                         f"(student layers {heal.trained.get('layers')})",
-            "lora": f"LoRA adapters (rank {c['lora_rank']}), merged into the weights: the checkpoint has no adapters",
-            "all": "every weight", "local": f"the layers next to each damaged site ({heal.trained.get('layers')})"}
-    data = heal.data
-    return [f"- Healed after compression ({c['method']}): trained {what[heal.trained['mode']]} toward the original "
-            f"model, on {cost['tokens'] or data.get('tokens', 0):,} tokens of calibration text "
-            f"(`{data.get('source')}`, calibration split"
-            + (f", {data['self_generated_windows']} windows written by the original itself" if
-               data.get("self_generated_windows") else "") + f") in {cost['wall_time_s']:.0f} s. "
-            f"KL to the original on training windows: {kl['before']:.4f} -> {kl['after']:.4f} nats/token. "
-            "Details in `heal.json`."]
-
-
 def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, heal=None) -> str:
     src = plan.model.get("spec") or "the source model"
     lines = [f"# {src}, compressed with mi-opt", "",
@@ -68,7 +52,8 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
     if plan.is_empty():
         lines.append("- Nothing: the plan was empty.")
     if heal is not None:
-        lines += _heal_lines(heal)
+        lines.append("- Healed after compression, toward the original model (details in `heal.json`):")
+        lines += [f"  - {line}" for line in heal.summary()]
     lines += ["", f"Layers: {sidecar['n_layers']}; query heads per layer: {[h for h, _ in sidecar['heads']]}; "
               f"KV heads per layer: {[kv for _, kv in sidecar['heads']]}.",
               f"Parameters: {sidecar['parameters']:,}"

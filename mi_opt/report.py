@@ -78,11 +78,16 @@ def _key_order(key: str):
     return (parse_unit(head).layer, key) if head.startswith("L") else (-1, key)
 
 
-def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval) -> Path:
+def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval, healed=None) -> Path:
+    """healed: (EvalResult, HealRecord) when the recipe heals, shown as a third column."""
     from mi_opt.evaluate.compare import Comparison
 
     n_heads = profile.model["heads"]
-    comparison = Comparison(["original", recipe.name], [base_eval, comp_eval])
+    labels, results = ["original", recipe.name], [base_eval, comp_eval]
+    if healed:
+        labels.append(f"{recipe.name} healed")
+        results.append(healed[0])
+    comparison = Comparison(labels, results)
     comparison.write(root)  # compare.md, compare.json, pareto.png
     decision_chart(plan, n_heads, root / "decisions.png")
     figures = [(name, f) for name, f in [("Importance of each head", "heads.png"),
@@ -91,6 +96,8 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
     md = [f"# mi-opt report: {recipe.name}", "", recipe.description.strip() or "", "",
           "## What was removed", "", *[f"- {line}" for line in plan_summary(plan, len(n_heads))], "",
           "![decisions](decisions.png)", "",
+          *(["## Recovery after compression", "", *[f"- {line}" for line in healed[1].summary()], ""]
+            if healed else []),
           "## What it cost and what it gained", "", comparison.to_markdown(), "![pareto](pareto.png)", "",
           "## Why: importance profile", "",
           f"Scorer `{profile.method.get('scorer')}`"
@@ -103,6 +110,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
         md += [f"### {title}", "", f"![{title}]({f})", ""]
     md += ["## Recipe", "", "```yaml", recipe.to_yaml().strip(), "```", "",
            "Files: profile.json, plan.json, eval_original.json, eval_compressed.json, compare.json"
+           + (", heal.json, eval_healed.json" if healed else "")
            + (", checkpoint/ (load instructions in checkpoint/README.md)" if (root / "checkpoint").exists() else ""),
            ""]
     text = "\n".join(md)

@@ -23,7 +23,9 @@ MANIFEST_SCHEMA = "mi-opt/run-stages"
 # switched off) are removed even when an older manifest did not list them.
 STAGE_OUTPUTS = {"profile": ("profile.json", "heads.png", "layers.png"), "plan": ("plan.json",),
                  "eval_original": ("eval_original.json",), "eval_compressed": ("eval_compressed.json",),
+                 "heal": ("heal.json", "healed.safetensors"), "eval_healed": ("eval_healed.json",),
                  "export": ("checkpoint",)}
+HEAL_WORK = "heal-work-"  # + the heal stage's key: distillation checkpoints while a heal runs
 
 
 def content_hash(*parts) -> str:
@@ -191,12 +193,17 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     write_json(folder.root / "eval_original.json", base_eval.to_dict())
     folder.mark("eval_original", base_key, ["eval_original.json"])
 
-    # 4. apply and evaluate the compressed model; 5. export it
+    # 4. apply and evaluate the compressed model; 5. heal it and evaluate again; 6. export it
+    heal_section = recipe.section_dict("heal")["heal"]
     compressed_key = content_hash(plan_key, sections["evaluate"])
-    export_key = content_hash(plan_key, recipe.export.enabled)
-    need_model = not folder.done("eval_compressed", compressed_key) or (
-        recipe.export.enabled and not folder.done("export", export_key))
-    if need_model:
+    heal_key = content_hash(plan_key, heal_section) if recipe.heal else None
+    healed_key = content_hash(heal_key, sections["evaluate"]) if recipe.heal else None
+    export_key = content_hash(plan_key, heal_key, recipe.export.enabled)
+    need_healed = bool(recipe.heal) and not (
+        folder.done("heal", heal_key) and folder.done("eval_healed", healed_key)
+        and (not recipe.export.enabled or folder.done("export", export_key)))
+    if not folder.done("eval_compressed", compressed_key) or need_healed or (
+            recipe.export.enabled and not folder.done("export", export_key)):
         from mi_opt.surgery import apply_
 
         _log("applying the plan")
@@ -212,6 +219,24 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         comp_eval.save(folder.root / "eval_compressed.json")
         folder.mark("eval_compressed", compressed_key, ["eval_compressed.json"])
         ran.append("eval_compressed")
+    healed = None
+    if recipe.heal:
+        record = _heal_stage(folder, heal_key, model, tokenizer, recipe, plan, need_healed, ran, reused, progress,
+                             trust_remote_code)
+        if folder.done("eval_healed", healed_key):
+            heal_eval = EvalResult.load(folder.root / "eval_healed.json")
+            reused.append("eval_healed")
+        else:
+            folder.forget("eval_healed")
+            _log("evaluating the healed model")
+            heal_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}, healed]",
+                                 progress=progress, trust_task_code=trust_task_code)
+            heal_eval.save(folder.root / "eval_healed.json")
+            folder.mark("eval_healed", healed_key, ["eval_healed.json"])
+            ran.append("eval_healed")
+        healed = (heal_eval, record)
+    else:
+        _remove_heal_work(folder.root)
     if recipe.export.enabled:
         if folder.done("export", export_key):
             reused.append("export")
@@ -220,19 +245,58 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
 
             folder.forget("export")
             _log("exporting the checkpoint (verified by reload)")
+            results = {"original": base_eval.to_dict(), "compressed": comp_eval.to_dict()}
+            if healed:
+                results["healed"] = healed[0].to_dict()
             export(model, tokenizer, plan, folder.root / "checkpoint", profile=profile, force=True,
-                   eval_results={"original": base_eval.to_dict(), "compressed": comp_eval.to_dict()})
+                   eval_results=results, heal=healed[1] if healed else None)
             folder.mark("export", export_key, ["checkpoint"])
             ran.append("export")
 
-    # 6. report (cheap: always rebuilt from the stage outputs, after the stale ones are gone)
+    # 7. report (cheap: always rebuilt from the stage outputs, after the stale ones are gone)
     from mi_opt.report import write_report
 
     folder.keep_only(ran + reused)
 
-    report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval)
+    report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval, healed)
     _log(f"report: {report}")
     return RunResult(folder.root, report, ran, reused)
+
+
+def _remove_heal_work(root: Path, keep: Path | None = None) -> None:
+    """Resumable distillation checkpoints of heals that finished or no longer match the recipe."""
+    for work in root.glob(f"{HEAL_WORK}*"):
+        if work != keep and work.is_dir() and not work.is_symlink():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _heal_stage(folder: RunFolder, key: str, model, tokenizer, recipe: Recipe, plan, need_weights: bool,
+                ran: list[str], reused: list[str], progress: bool, trust_remote_code: bool = False):
+    """Heal the compressed `model` in place toward a fresh copy of the original (or put back the
+    healed weights of a finished heal); returns the HealRecord. A killed heal resumes from its
+    last distillation checkpoint in heal-work-<key>/."""
+    from mi_opt.heal import WEIGHTS, HealRecord, heal_, load_changed_, save_changed
+    from mi_opt.models import load_model
+
+    if folder.done("heal", key):
+        if need_weights:
+            load_changed_(model, folder.root / WEIGHTS)
+        reused.append("heal")
+        return HealRecord.load(folder.root / "heal.json")
+    folder.forget("heal")
+    work = folder.root / f"{HEAL_WORK}{key}"
+    _remove_heal_work(folder.root, keep=work)
+    _log(f"healing ({recipe.heal.method}, train {recipe.heal.train}) toward the original model")
+    teacher, _ = load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device,
+                            trust_remote_code=trust_remote_code)
+    record = heal_(model, teacher, plan, recipe.heal, tokenizer, work_dir=work, progress=progress)
+    del teacher
+    save_changed(model, record.changed, folder.root / WEIGHTS, record.unhealed_fingerprint)
+    record.save(folder.root / "heal.json")
+    folder.mark("heal", key, ["heal.json", WEIGHTS])
+    shutil.rmtree(work, ignore_errors=True)
+    ran.append("heal")
+    return record
 
 
 def _write_profile(profile, root: Path) -> list[str]:

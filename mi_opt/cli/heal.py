@@ -10,6 +10,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from mi_opt.cli.eval import add_trust_arguments
 from mi_opt.errors import MiOptError
 
 
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sample", metavar="PROMPT", help="print a greedy continuation of PROMPT from the healed model")
+    add_trust_arguments(p)
 
 
 def heal_config(args: argparse.Namespace):
@@ -69,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
                          "`mi-opt apply` or `mi-opt run`")
     plan = CompressionPlan.load(source / "plan.json")
     profile = ImportanceProfile.load(source / "profile.json") if (source / "profile.json").is_file() else None
-    student, tokenizer, _ = load_any(str(source), args.dtype, args.device)
-    teacher, teacher_tokenizer = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    student, tokenizer, _ = load_any(str(source), args.dtype, args.device, args.trust_remote_code)
+    teacher, teacher_tokenizer = load_model(args.teacher, dtype=args.dtype, device=args.device,
+                                            trust_remote_code=args.trust_remote_code)
     check_compatible(student, teacher, tokenizer, teacher_tokenizer)
     check_teacher(plan, teacher, teacher_tokenizer)
     work = out.parent / f"{out.name}.heal-work"

@@ -22,6 +22,7 @@ from mi_opt.artifacts import model_fingerprint
 from mi_opt.errors import MiOptError
 from mi_opt.heal.config import METHODS, TRAINS, HealConfig
 from mi_opt.heal.data import training_windows
+from mi_opt.heal.lora import dequantized_stand_ins_, merge_lora_, quantized_names, wrap_lora
 from mi_opt.heal.losses import forward_kl
 from mi_opt.heal.record import WEIGHTS, HealRecord, load_changed_, save_changed
 from mi_opt.heal.sites import Block, damage_blocks
@@ -58,10 +59,6 @@ def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
     return total / len(windows)
 
 
-def _quantized(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-
-
 def _decoder_linears(model: nn.Module) -> list[str]:
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -76,7 +73,7 @@ def _layer_params(model: nn.Module, layers: list[int]) -> list[str]:
 
 def _selection(student: nn.Module, config: HealConfig, blocks: list[Block]) -> tuple[str, list[str]]:
     """("params", names) to train directly, or ("lora", module names) to wrap with adapters."""
-    quantized = _quantized(student)
+    quantized = quantized_names(student)
     if config.train == "lora":
         return "lora", _decoder_linears(student)
     if config.train == "all":
@@ -89,14 +86,6 @@ def _selection(student: nn.Module, config: HealConfig, blocks: list[Block]) -> t
     if quantized:  # a bits-only plan: the damage is in the quantized modules, adapters go there
         return "lora", quantized
     raise MiOptError("heal: the plan removes and quantizes nothing, so there is nothing to heal")
-
-
-def _wrap_lora(student: nn.Module, modules: list[str], config: HealConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=modules, lora_dropout=0.0,
-                      bias="none", fan_in_fan_out=get_adapter(student).family == "gpt2")
-    return get_peft_model(student, lora)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -158,8 +147,10 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
         own_dir = work_dir is None
         work = Path(tempfile.mkdtemp(prefix="mi-opt-heal-")) if own_dir else Path(work_dir)
         try:
+            originals = {}
             if kind == "lora":
-                trainable = _wrap_lora(student, names, config)
+                originals = dequantized_stand_ins_(student, names)
+                trainable = wrap_lora(student, names, config)
             else:
                 params = dict(student.named_parameters())
                 for n in names:
@@ -168,7 +159,7 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
             distill_report = distill_(student, trainable, teacher, windows[:config.windows_needed()], config, blocks,
                                       work, progress, callbacks)
             if kind == "lora":
-                trainable.merge_and_unload()  # folds the adapters into the weights: a plain checkpoint
+                merge_lora_(trainable, student, originals)  # no adapters in the checkpoint: it loads where it did
                 changed.update(f"{m}.weight" for m in names)
             else:
                 changed.update(names)

@@ -36,7 +36,8 @@ def _teacher_targets(teacher: nn.Module, batches: list[torch.Tensor], points: li
     return targets
 
 
-def _block_inputs(student: nn.Module, batches: list[torch.Tensor], block: Block) -> list[tuple[torch.Tensor, LayerInputs]]:
+def _block_inputs(student: nn.Module, batches: list[torch.Tensor],
+                  block: Block) -> list[tuple[torch.Tensor, LayerInputs]]:
     adapter = get_adapter(student)
     recorded = []
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """heal.json (what healing did, on what data, at what cost) and the healed weights it changed."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,19 +32,61 @@ class HealRecord(JsonArtifact):
     versions: dict = field(default_factory=versions)
     created: str = field(default_factory=now)
 
+    def summary(self) -> list[str]:
+        """What healing trained, on what, at what cost, and how far it moved toward the original."""
+        c, cost, kl, data, trained = self.config, self.cost, self.kl_to_teacher, self.data, self.trained
+        near = f"the layers next to each damaged site (student layers {trained.get('layers')})"
+        what = {"localized": near, "local": near, "all": "every weight",
+                "lora": f"LoRA adapters of rank {c['lora_rank']} on {len(trained.get('modules', []))} modules, "
+                        "merged into the weights"}[trained["mode"]]
+        lines = [f"Method `{c['method']}`: trained {what} ({trained.get('changed_parameters', 0):,} parameters).",
+                 f"Data: {data.get('prose_windows', 0)} calibration windows of `{data.get('source')}` "
+                 "(calibration split)"
+                 + (f" and {data['self_generated_windows']} windows written by the original model"
+                    if data.get("self_generated_windows") else "") + f", {data.get('seq_len')} tokens each; "
+                 "never evaluation windows or task items."]
+        if self.local:
+            lines.append("Local repair, relative error of the residual stream after each block: "
+                         + "; ".join(f"layers {b['layers'][0]}-{b['layers'][-1]} ({b['why']}): "
+                                     f"{b['relative_mse_before']:.4f} -> {b['relative_mse_after']:.4f}"
+                                     for b in self.local) + ".")
+        if self.distill:
+            lines.append(f"Distillation: {c['steps']} steps of {c['batch_size'] * c['grad_accum']} windows "
+                         f"({cost['tokens']:,} tokens), forward KL at temperature {c['temperature']}"
+                         + (f" + {c['hidden_weight']} x hidden-state matching" if c["hidden_weight"] else "")
+                         + f", lr {c['lr']}" + (f"; resumed from step {self.distill['resumed_from_step']}"
+                                                if self.distill.get("resumed_from_step") else "") + ".")
+        lines.append(f"KL to the original on training windows: {kl['before']:.4f} -> {kl['after']:.4f} nats/token. "
+                     f"Wall time {cost['wall_time_s']:.0f} s, peak memory {cost['peak_memory_mb']:.0f} MB.")
+        return lines
+
 
 def save_changed(model: nn.Module, names: list[str], path: Path, unhealed_fingerprint: str) -> Path:
     """The healed values of `names` (tied parameters once), as safetensors, written atomically.
 
+    A quantized module's weight is stored as the float weight it computes with, and quantized
+    again at load (idempotent: its values already lie on the quantization grid).
     unhealed_fingerprint: the compressed model's fingerprint before healing; loading checks it,
     because two plans can leave models of identical shapes (drop layer 1 or layer 2)."""
     from safetensors.torch import save_file
 
+    from mi_opt.heal.lora import is_quantized
+
     params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
+    tensors, requantized = {}, []
+    for n in names:
+        owner = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
+        if is_quantized(owner):
+            from mi_opt.surgery.quantize import effective_weight
+
+            tensors[n] = effective_weight(owner).cpu().contiguous()
+            requantized.append(n)
+        else:
+            tensors[n] = params[n].detach().to("cpu").contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"unhealed_fingerprint": unhealed_fingerprint})
+    save_file(tensors, str(tmp), metadata={"unhealed_fingerprint": unhealed_fingerprint,
+                                           "requantize": json.dumps(requantized)})
     tmp.replace(path)
     return path
 
@@ -57,20 +100,26 @@ def load_changed_(model: nn.Module, path: Path) -> nn.Module:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            expected = (f.metadata() or {}).get("unhealed_fingerprint")
+            meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise MiOptError(f"{path} is not a readable safetensors file ({err}); rerun the heal stage") from None
-    if expected != model_fingerprint(model):
+    if meta.get("unhealed_fingerprint") != model_fingerprint(model):
         raise MiOptError(f"{path} holds weights healed from another compressed model (another plan or source); "
                          "rerun the heal stage")
+    requantized = set(json.loads(meta.get("requantize", "[]")))
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]
-    wrong = [n for n, t in tensors.items() if n in params and params[n].shape != t.shape]
+    wrong = [n for n, t in tensors.items() if n in params and n not in requantized and params[n].shape != t.shape]
     if unknown or wrong:
         raise MiOptError(f"{path} does not fit this model (unknown {unknown[:3]}, wrong shapes {wrong[:3]}): it "
                          "was healed from another plan; rerun the heal stage")
     with torch.no_grad():
         for n, t in tensors.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            if n in requantized:
+                from mi_opt.surgery.quantize import requantize_
+
+                requantize_(model, n.rsplit(".", 1)[0], t.to(params[n].device))
+            else:
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
     return model

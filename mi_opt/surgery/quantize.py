@@ -214,6 +214,50 @@ def quantize_(model: nn.Module, bits: dict[str, int], quant_type: str = "nf4",
     return targets
 
 
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a bnb module computes with, [out, in]: its response to the identity.
+
+    Exact for both widths: an identity row has absmax 1, so int8 activation rounding is lossless
+    and no column crosses LLM.int8's outlier threshold; 4-bit modules dequantize their weight.
+    Read through the forward because on CPU the stored 4-bit layout is repacked after first use.
+    """
+    dtype = torch.float32 if _width(module) == 8 else module.compute_dtype or torch.float32
+    device = module.weight.device
+    with torch.no_grad():
+        eye = torch.eye(module.in_features, dtype=dtype, device=device)
+        return (module(eye) - module(torch.zeros(1, module.in_features, dtype=dtype, device=device))).T.float()
+
+
+def _width(module: nn.Module) -> int:
+    return 8 if isinstance(module, _bnb().nn.Linear8bitLt) else 4
+
+
+def requantize_(model: nn.Module, name: str, weight: torch.Tensor, like: nn.Module | None = None) -> nn.Module:
+    """Replace module `name` by a bnb module holding `weight` (float, [out, in]) at the width,
+    format and threshold of `like` (default: the bnb module now there), e.g. after adding a
+    trained update. Rounding to nearest again, so an update smaller than half a quantization
+    step is lost: heal measures what survives."""
+    module = like if like is not None else model.get_submodule(name)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    current = model.get_submodule(name)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(current.bias)
+    width = _width(module)
+    threshold = module.state.threshold if width == 8 else INT8_THRESHOLD
+    q = _quantized(linear, width, getattr(module.weight, "quant_type", "nf4"), threshold)
+    q.source_cls = getattr(module, "source_cls", nn.Linear)
+    model.set_submodule(name, q)
+    return q
+
+
+def is_quantized(module: nn.Module) -> bool:
+    bnb = _bnb()
+    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+
+
 def quantized_modules(model: nn.Module) -> dict[str, tuple[int, str | None]]:
     """Full name -> (bits, 4-bit quant type or None) of every bnb module in the model."""
     bnb = _bnb()

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from mi_opt.errors import MiOptError
 from mi_opt.heal import HealConfig, check_compatible, heal_, kl_to_teacher, load_changed_, save_changed
 from mi_opt.heal.distill import last_complete_checkpoint
+from mi_opt.heal.lora import merge_lora_, wrap_lora
 from mi_opt.plan import CompressionPlan
 from mi_opt.surgery import apply_
 
@@ -74,10 +75,8 @@ def test_lora_is_merged_into_plain_weights(tokenizer):
 
 
 def test_merged_lora_gives_the_adapters_logits():
-    from mi_opt.heal import _wrap_lora
-
     student, _, _ = _pair()
-    wrapped = _wrap_lora(student, ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"],
+    wrapped = wrap_lora(student, ["model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"],
                          HealConfig(lora_rank=4))
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
@@ -86,8 +85,8 @@ def test_merged_lora_gives_the_adapters_logits():
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         with_adapters = wrapped(input_ids=ids).logits
-        merged = wrapped.merge_and_unload()
-        assert torch.allclose(merged(input_ids=ids).logits, with_adapters, atol=1e-5)
+        merge_lora_(wrapped, student)
+        assert torch.allclose(student(input_ids=ids).logits, with_adapters, atol=1e-5)
 
 
 class _KillAt(TrainerCallback):
@@ -172,3 +171,32 @@ def test_nothing_to_heal_is_an_error(tokenizer):
         heal_(copy.deepcopy(teacher), teacher, plan, HealConfig(**SMALL), tokenizer, progress=False)
     with pytest.raises(MiOptError, match="only quantizes"):
         heal_(copy.deepcopy(teacher), teacher, plan, HealConfig(method="local", **SMALL), tokenizer, progress=False)
+
+
+def test_a_quantized_plan_heals_through_adapters_and_stays_quantized(tokenizer, tmp_path):
+    from mi_opt.export import export, load_compressed
+    from mi_opt.surgery.quantize import quantized_modules
+
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    plan = CompressionPlan(model={"n_layers": 4}, bits={"L0": 4, "L1": 8, "L2.mlp.down_proj": 4})
+    apply_(student, plan)
+    widths = quantized_modules(student)
+    with pytest.raises(MiOptError, match="cannot train quantized weights"):
+        heal_(student, teacher, plan, HealConfig(train="all", **SMALL), tokenizer, progress=False)
+    record = heal_(student, teacher, plan, HealConfig(method="distill", train="localized", **{**SMALL, "lr": 1e-2}),
+                   tokenizer, progress=False)
+    assert record.trained["kind"] == "lora" and len(record.trained["modules"]) == len(widths)
+    assert record.kl_to_teacher["after"] < record.kl_to_teacher["before"]
+    assert quantized_modules(student) == widths  # merged, re-quantized at the same widths
+    save_changed(student, record.changed, tmp_path / "healed.safetensors", record.unhealed_fingerprint)
+    fresh = copy.deepcopy(teacher)
+    apply_(fresh, plan)
+    load_changed_(fresh, tmp_path / "healed.safetensors")
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, student(ids).logits, atol=1e-4)
+    export(student, None, plan, tmp_path / "out", heal=record)  # verified by reload inside
+    reloaded = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, student(ids).logits, atol=1e-3)

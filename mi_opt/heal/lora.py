@@ -1,0 +1,86 @@
+"""LoRA adapters for healing (through peft), and folding them back into the weights.
+
+A healed checkpoint carries no adapters: the exported model is the same kind of checkpoint as
+before healing and loads where it loaded. Plain linears merge exactly. Quantized (bitsandbytes)
+modules stay frozen while their adapters train, as in QLoRA: each computes with its dequantized
+weight, held by a frozen float stand-in during training, because bitsandbytes' CPU 4-bit kernel
+has no backward (gradients would silently stop at it). At the end the stand-in's weight plus
+the adapter's update is quantized again at the module's own width and format: rounding to
+nearest can swallow an update smaller than half a quantization step, which heal.json's KL after
+healing measures.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mi_opt.heal.config import HealConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+def is_quantized(module: nn.Module) -> bool:
+    # By the classes' modules, so that healing an unquantized model never imports bitsandbytes
+    # (mi-opt's own 4-bit class subclasses bitsandbytes').
+    return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_quantized(m)]
+
+
+def wrap_lora(student: nn.Module, modules: list[str], config: HealConfig) -> nn.Module:
+    """The student with LoRA adapters on `modules` (full names); only the adapters train.
+    peft picks the weight layout per module (GPT-2's Conv1D stores [in, out])."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=modules, lora_dropout=0.0,
+                      bias="none")
+    return get_peft_model(student, lora)
+
+
+def dequantized_stand_ins_(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Replace each quantized module in `names` by a frozen nn.Linear with the weight it computes
+    with; returns the replaced modules by name (merge_lora_ quantizes them again)."""
+    from mi_opt.surgery.quantize import effective_weight
+
+    originals = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if not is_quantized(module):
+            continue
+        weight = effective_weight(module)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.requires_grad_(False)
+        model.set_submodule(name, linear)
+        originals[name] = module
+    return originals
+
+
+def merge_lora_(wrapped: nn.Module, student: nn.Module, originals: dict[str, nn.Module] | None = None) -> None:
+    """Fold every adapter into its module's weights and remove the adapters, in place; the
+    stand-ins of quantized modules (`originals`) become quantized modules again."""
+    from peft.tuners.lora import LoraLayer
+
+    originals = originals or {}
+    requantize = {}
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        name = name.removeprefix(PEFT_PREFIX)
+        if name in originals:
+            delta = module.get_delta_weight(module.active_adapters[0]).float()
+            requantize[name] = module.get_base_layer().weight.float() + delta
+        else:
+            module.merge()
+    wrapped.unload()  # strips the wrappers; merged plain modules keep their merged weights
+    if originals:
+        from mi_opt.surgery.quantize import requantize_
+
+        for name, original in originals.items():
+            requantize_(student, name, requantize[name], like=original)
