@@ -1,0 +1,100 @@
+"""reports/recovery.md and its plots, from the finished cells of benchmarks/recovery.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GENERATIVE = ("miopt_arithmetic", "miopt_capitals")
+
+
+def _load(out: Path, cells: dict) -> tuple[dict | None, dict]:
+    found = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    return found.get("original"), {n: found[n] for n in cells if n in found}
+
+
+def _generative(cell: dict) -> float:
+    return sum(cell["tasks"][t] for t in GENERATIVE) / len(GENERATIVE)
+
+
+def _ratio(value: float, unhealed: float, original: float) -> float:
+    """How much of the unhealed perplexity increase remains (1 = none recovered, 0 = all)."""
+    return (value - original) / (unhealed - original)
+
+
+def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
+    rec = cell.get("heal_record")
+    heal = cell["heal"]
+    how = "-" if heal is None else f"{heal['method']}" + (f", {heal.get('train', 'localized')}"
+                                                          if heal["method"] != "local" else "")
+    if heal and heal.get("self_generated"):
+        how += f", {heal['self_generated']:.0%} self-generated"
+    tokens = f"{rec['cost']['tokens']:,}" if rec else "-"
+    wall = f"{rec['cost']['wall_time_s']:.0f}" if rec else "-"
+    ratio = (f"{_ratio(cell['perplexity'], unhealed['perplexity'], original['perplexity']):.2f}x"
+             if unhealed and heal else "1x" if unhealed else "-")
+    ratio_kjv = (f"{_ratio(cell['perplexity_kjv'], unhealed['perplexity_kjv'], original['perplexity_kjv']):.2f}x"
+                 if unhealed and heal else "1x" if unhealed else "-")
+    t = cell["tasks"]
+    return (f"| {name} | {how} | {tokens} | {wall} | {cell['perplexity']:.2f} | {ratio} | {cell['perplexity_kjv']:.2f} "
+            f"| {ratio_kjv} | {t['miopt_facts_mc']:.3f} | {t['miopt_arithmetic']:.3f} | {t['miopt_capitals']:.3f} "
+            f"| {_generative(cell):.3f} |")
+
+
+def _plot(original: dict, cells: dict, out: Path) -> list[str]:
+    written = []
+    for x_key, label, fname in (("tokens", "training tokens", "recovery-tokens.png"),
+                                ("wall_time_s", "heal wall time (s, 2 CPU cores)", "recovery-time.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        plans = sorted({c["plan"] for c in cells.values()})
+        for plan in plans:
+            points = sorted((c["heal_record"]["cost"][x_key] if c["heal_record"] else 0, c["perplexity"] -
+                             original["perplexity"], _generative(c), c["heal"]["method"] if c["heal"] else "none")
+                            for c in cells.values() if c["plan"] == plan)
+            xs = [p[0] for p in points]
+            axes[0].scatter(xs, [p[1] for p in points], label=plan)
+            axes[1].scatter(xs, [p[2] for p in points], label=plan)
+            for p in points:
+                axes[0].annotate(p[3], (p[0], p[1]), fontsize=6)
+        axes[0].set_ylabel("perplexity increase over the original")
+        axes[0].set_yscale("log")
+        axes[1].set_ylabel("generative-task mean")
+        axes[1].axhline(_generative(original), color="grey", linestyle="--", label="original")
+        for ax in axes:
+            ax.set_xlabel(label)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.parent / fname, dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+def render(out: Path, cells: dict) -> Path | None:
+    original, found = _load(out, cells)
+    if original is None or not found:
+        return None
+    lines = ["# Recovery after compression (SmolLM2-135M-Instruct, 2 CPU cores)", "",
+             "Made by `python benchmarks/recovery.py` (resumable; cells in reports/recovery/cells/). Healing text: "
+             "calibration windows of the Debian handbook excerpt (never evaluation windows, never task items). "
+             "Perplexity on 16 x 256 evaluation windows of handbook + KJV (the recipes' setting) and, separately, "
+             "of the KJV alone, a domain healing never trains on. Tasks: every item. 'remaining' is the share of "
+             "the unhealed perplexity increase that is left (0 = fully recovered).", "",
+             "| cell | heal | tokens | heal s | perplexity | remaining | KJV ppl | remaining (KJV) | facts (MC) "
+             "| arithmetic | capitals | generative mean |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             _row("original", original, None, original)]
+    for name, cell in found.items():
+        unhealed = found.get(f"{cell['plan']}-unhealed")
+        lines.append(_row(name, cell, unhealed, original))
+    items = ", ".join(f"{k}: {v}" for k, v in original.get("n_items", {}).items())
+    lines += ["", f"Items per task: {items}.", ""]
+    lines += [f"![recovery against tokens]({f})" for f in _plot(original, found, out)]
+    path = out.parent / "recovery.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out.parent / "recovery.json").write_text(json.dumps({"original": original, "cells": found}, indent=1) + "\n")
+    return path
