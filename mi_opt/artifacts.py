@@ -68,12 +68,20 @@ def read_json(path: str | Path, schema: str, max_version: int) -> dict:
     if not path.is_file():
         raise MiOptError(f"{path} does not exist")
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise MiOptError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise MiOptError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(payload, dict):
+        raise MiOptError(f"{path} holds a JSON {type(payload).__name__}, expected a {schema!r} artifact (an object)")
     if payload.get("schema") != schema:
         raise MiOptError(f"{path} is a {payload.get('schema')!r} artifact, expected {schema!r}")
-    if int(payload.get("version", 0)) > max_version:
+    version = payload.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MiOptError(f"{path} has version {version!r}; a {schema} artifact's version is an integer from 1 "
+                         f"to {max_version}: it was edited by hand or is not an mi-opt file")
+    if version > max_version:
         raise MiOptError(f"{path} has {schema} version {payload['version']}; this mi-opt reads up to "
                          f"{max_version}: upgrade mi-opt")
     return payload
@@ -102,7 +110,14 @@ class JsonArtifact:
 
     @classmethod
     def load(cls, path: str | Path):
-        return cls.from_dict(read_json(path, cls.SCHEMA, cls.VERSION))
+        payload = read_json(path, cls.SCHEMA, cls.VERSION)
+        try:
+            return cls.from_dict(payload)
+        except MiOptError as err:
+            raise MiOptError(f"{path}: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or truncated file
+            raise MiOptError(f"{path} is not a valid {cls.SCHEMA} artifact ({type(err).__name__}: {err}); "
+                             "re-create it with mi-opt") from None
 
 
 def versions() -> dict[str, str]:

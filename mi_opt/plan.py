@@ -73,5 +73,14 @@ class CompressionPlan(JsonArtifact):
         d["prune_heads"] = {str(k): v for k, v in self.prune_heads.items()}
         return {"schema": SCHEMA, "version": VERSION, **d}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionPlan":
+        # apply_ checks the model against this fingerprint; a plan file without one would be
+        # applied to any model at all.
+        if not isinstance(d.get("model"), dict) or not isinstance(d["model"].get("fingerprint"), str):
+            raise MiOptError("the plan records no model fingerprint (model.fingerprint), so it cannot be checked "
+                             "against the model it is applied to; re-make it with mi-opt plan")
+        return super().from_dict(d)
+
 
 

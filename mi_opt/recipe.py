@@ -208,14 +208,32 @@ def recipe_from_dict(data: dict) -> Recipe:
     return build(Recipe, data)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (plain YAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # an unhashable key: SafeLoader's own check names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise MiOptError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as err:
+        raise MiOptError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise MiOptError(f"recipe {path} is not valid YAML: {err}") from None
+        raise MiOptError(f"recipe {path} is not valid YAML: {' '.join(str(err).split())}") from None
     try:
         return recipe_from_dict(data)
     except MiOptError as err:

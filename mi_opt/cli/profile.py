@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from mi_opt.profile.ablation import AblationConfig, profile_ablation
     from mi_opt.profile.plots import head_heatmap, layer_bars
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from mi_opt.cli.run import _threads
+
+    _threads(args.threads)
     config = AblationConfig(ablation=args.ablation, unit_kinds=tuple(u.strip() for u in args.units.split(",")),
                             batch_size=args.batch_size, ablations_per_forward=args.ablations_per_forward,
                             engine=args.engine, cache_budget_mb=args.cache_budget_mb)

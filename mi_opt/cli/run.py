@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from mi_opt.cli.eval import add_trust_arguments
+from mi_opt.errors import MiOptError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _threads(n: int | None) -> None:
+    if n is not None and n < 1:
+        raise MiOptError(f"--threads must be >= 1 (got {n}); leave it out for torch's choice")
     if n:
         import torch
 

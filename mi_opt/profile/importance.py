@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from mi_opt.artifacts import JsonArtifact, now, versions
+from mi_opt.errors import MiOptError
 from mi_opt.units import parse_unit
 
 SCHEMA = "mi-opt/importance-profile"
@@ -51,6 +52,23 @@ class ImportanceProfile(JsonArtifact):
     @classmethod
     def from_dict(cls, d: dict) -> "ImportanceProfile":
         d = {k: v for k, v in d.items() if k not in ("schema", "version")}
-        d["scores"] = {k: UnitScore(**v) for k, v in d["scores"].items()}
+        if not isinstance(d.get("scores"), dict) or not isinstance(d.get("model"), dict):
+            raise MiOptError("a profile needs a 'model' object and a 'scores' object of unit -> scores")
+        d["scores"] = {k: _unit_score(k, v, d["model"].get("n_layers")) for k, v in d["scores"].items()}
         return cls(**d)
+
+
+def _unit_score(key: str, value, n_layers: int | None) -> UnitScore:
+    """One loaded score, checked: profiles are files people edit, and a string sorts silently."""
+    unit = parse_unit(key)
+    if isinstance(n_layers, int) and not 0 <= unit.layer < n_layers:
+        raise MiOptError(f"unit {key} is outside the profiled model's {n_layers} layers")
+    if not isinstance(value, dict):
+        raise MiOptError(f"unit {key}: expected an object of scores, got {value!r}")
+    score = UnitScore(**value)
+    for name, v in asdict(score).items():
+        if (v is None and name.endswith("_se")) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            continue
+        raise MiOptError(f"unit {key}: {name} must be a number, got {v!r}")
+    return score
 
