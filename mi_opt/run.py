@@ -208,33 +208,28 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
 
         _log("applying the plan")
         apply_(model, plan)
-    if folder.done("eval_compressed", compressed_key):
-        comp_eval = EvalResult.load(folder.root / "eval_compressed.json")
-        reused.append("eval_compressed")
-    else:
-        folder.forget("eval_compressed")
-        _log("evaluating the compressed model")
-        comp_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}]", progress=progress,
-                             trust_task_code=trust_task_code)
-        comp_eval.save(folder.root / "eval_compressed.json")
-        folder.mark("eval_compressed", compressed_key, ["eval_compressed.json"])
-        ran.append("eval_compressed")
+
+    def evaluated(stage: str, key: str, label: str, tag: str) -> EvalResult:
+        """The stage's result: reused when its key matches, else the in-memory model measured now."""
+        path = folder.root / f"{stage}.json"
+        if folder.done(stage, key):
+            reused.append(stage)
+            return EvalResult.load(path)
+        folder.forget(stage)
+        _log(f"evaluating the {label} model")
+        result = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{tag}]",
+                          progress=progress, trust_task_code=trust_task_code)
+        result.save(path)
+        folder.mark(stage, key, [path.name])
+        ran.append(stage)
+        return result
+
+    comp_eval = evaluated("eval_compressed", compressed_key, "compressed", recipe.name)
     healed = None
     if recipe.heal:
         record = _heal_stage(folder, heal_key, model, tokenizer, recipe, plan, need_healed, ran, reused, progress,
                              trust_remote_code)
-        if folder.done("eval_healed", healed_key):
-            heal_eval = EvalResult.load(folder.root / "eval_healed.json")
-            reused.append("eval_healed")
-        else:
-            folder.forget("eval_healed")
-            _log("evaluating the healed model")
-            heal_eval = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{recipe.name}, healed]",
-                                 progress=progress, trust_task_code=trust_task_code)
-            heal_eval.save(folder.root / "eval_healed.json")
-            folder.mark("eval_healed", healed_key, ["eval_healed.json"])
-            ran.append("eval_healed")
-        healed = (heal_eval, record)
+        healed = (evaluated("eval_healed", healed_key, "healed", f"{recipe.name}, healed"), record)
     else:
         _remove_heal_work(folder.root)
     if recipe.export.enabled:
