@@ -94,6 +94,35 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _distill_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, config: HealConfig,
+                   blocks: list[Block], selection: tuple[str, list[str]], work_dir: str | Path | None,
+                   progress: bool, callbacks: list | None) -> dict:
+    """Distil with only the selected parameters (or adapters on the selected modules) trainable."""
+    from mi_opt.heal.distill import distill_
+
+    kind, names = selection
+    for p in student.parameters():
+        p.requires_grad_(False)
+    own_dir = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="mi-opt-heal-")) if own_dir else Path(work_dir)
+    try:
+        if kind == "lora":
+            originals = dequantized_stand_ins_(student, names)
+            trainable = wrap_lora(student, names, config)
+        else:
+            params = dict(student.named_parameters())
+            for n in names:
+                params[n].requires_grad_(True)
+            trainable = student
+        report = distill_(student, trainable, teacher, windows, config, blocks, work, progress, callbacks)
+        if kind == "lora":
+            merge_lora_(trainable, student, originals)  # no adapters in the checkpoint: it loads where it did
+        return report
+    finally:
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config: HealConfig | None = None,
           tokenizer=None, work_dir: str | Path | None = None, progress: bool = True,
           callbacks: list | None = None) -> HealRecord:
@@ -102,7 +131,6 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     plan: the plan that made the student (it says where the damage is). work_dir: where
     distillation keeps resumable checkpoints; a rerun with the same work_dir resumes.
     """
-    from mi_opt.heal.distill import distill_
     from mi_opt.heal.local import local_repair_
 
     config = config or HealConfig()
@@ -142,32 +170,13 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     distill_report: dict = {}
     if config.uses_distill:
         started = time.perf_counter()
-        for p in student.parameters():
-            p.requires_grad_(False)
-        own_dir = work_dir is None
-        work = Path(tempfile.mkdtemp(prefix="mi-opt-heal-")) if own_dir else Path(work_dir)
         try:
-            originals = {}
-            if kind == "lora":
-                originals = dequantized_stand_ins_(student, names)
-                trainable = wrap_lora(student, names, config)
-            else:
-                params = dict(student.named_parameters())
-                for n in names:
-                    params[n].requires_grad_(True)
-                trainable = student
-            distill_report = distill_(student, trainable, teacher, windows[:config.windows_needed()], config, blocks,
-                                      work, progress, callbacks)
-            if kind == "lora":
-                merge_lora_(trainable, student, originals)  # no adapters in the checkpoint: it loads where it did
-                changed.update(f"{m}.weight" for m in names)
-            else:
-                changed.update(names)
+            distill_report = _distill_phase(student, teacher, windows[:config.windows_needed()], config, blocks,
+                                            (kind, names), work_dir, progress, callbacks)
         finally:
             for n, p in student.named_parameters():
                 p.requires_grad_(grad_flags.get(n, False))
-            if own_dir:
-                shutil.rmtree(work, ignore_errors=True)
+        changed.update([f"{m}.weight" for m in names] if kind == "lora" else names)
         cost["distill_s"] = round(time.perf_counter() - started, 2)
     student.eval()
 
@@ -177,8 +186,9 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
                 peak_memory_mb=round(_peak_memory_mb(device), 1),
                 wall_time_s=round(sum(v for k, v in cost.items() if k.endswith("_s")), 2))
     trained = {"mode": config.train if config.uses_distill else "local", "kind": kind,
-               "modules" if kind == "lora" else "parameters": names if kind == "lora" else len(names),
                "layers": sorted({i for b in blocks for i in b.layers}), "changed_parameters": n_trained}
+    if kind == "lora":
+        trained["modules"] = names
     return HealRecord(config=_plain(config), trained=trained,
                       blocks=[{"layers": b.layers, "teacher_point": b.teacher_point, "why": b.why} for b in blocks],
                       data=data_record, local=local_report, distill=distill_report,
