@@ -145,13 +145,27 @@ def _all_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     return windows
 
 
+def _touches_evaluation(n: int, body: int, eval_body: int) -> torch.Tensor:
+    """For n windows of `body` tokens laid end to end, whether each shares a token with an
+    evaluation window of the grid of `eval_body`-token windows (window j is evaluation iff
+    j % EVAL_EVERY == EVAL_EVERY - 1)."""
+    start = torch.arange(n) * body
+    first, last = start // eval_body, (start + body - 1) // eval_body
+    evaluation_up_to = lambda j: (j + 1) // EVAL_EVERY  # noqa: E731 - how many such j lie in [0, j]
+    return evaluation_up_to(last) - evaluation_up_to(first - 1) > 0
+
+
 def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: str = "calibration",
-                  seed: int = 0, max_positions: int | None = None, cycle: bool = False) -> torch.Tensor:
+                  seed: int = 0, max_positions: int | None = None, cycle: bool = False,
+                  avoid_eval_len: int | None = None) -> torch.Tensor:
     """A (n_samples, seq_len) LongTensor of non-overlapping windows from one split.
 
     Deterministic for a fixed (source, tokenizer, seq_len, seed). Raises a clear error when
     seq_len exceeds the model's context or the corpus has too few windows, unless `cycle`
     (training data): then every window is used once per epoch, each epoch in a new order.
+    avoid_eval_len: calibration windows that share any token with an evaluation window of that
+    length are left out too. The split is per window index at each length, so without it a
+    calibration window of another length can hold evaluation text (training needs the guarantee).
     """
     if split not in SPLITS:
         raise MiOptError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -170,14 +184,18 @@ def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: s
         if repeated:
             windows = repeat_halves(windows, offset=1 if _uses_bos(tokenizer) else 0)
         is_eval = (torch.arange(len(windows)) % EVAL_EVERY) == EVAL_EVERY - 1
+        if split == "calibration" and avoid_eval_len:
+            bos = 1 if _uses_bos(tokenizer) else 0
+            is_eval |= _touches_evaluation(len(windows), seq_len - bos, avoid_eval_len - bos)
         pool = windows[is_eval] if split == "evaluation" else windows[~is_eval]
         pools.append(pool[torch.randperm(len(pool), generator=generator)])
     available = sum(len(p) for p in pools)
-    if cycle and available < n_samples:
-        epochs = [torch.cat(pools)[torch.randperm(available, generator=generator)]
-                  for _ in range(-(-n_samples // available))]
-        return torch.cat(epochs)[:n_samples]
-    if available < n_samples:
+    if cycle and 0 < available < n_samples:
+        # Each part is cycled on its own, in a new order per epoch, so a mix keeps its proportions.
+        epochs = -(-n_samples // available)
+        pools = [torch.cat([p] + [p[torch.randperm(len(p), generator=generator)] for _ in range(epochs - 1)])
+                 for p in pools]
+    elif available < n_samples:
         raise MiOptError(
             f"corpus {source!r} has only {available} {split} windows of {seq_len} tokens, "
             f"{n_samples} requested; lower n_samples or seq_len, or add text")

@@ -97,6 +97,9 @@ class Recipe:
     def __post_init__(self):
         check_name(self.name)
         check_plugins(self)
+        if self.heal and self.heal.eval_seq_len != self.evaluate.ppl_seq_len:
+            raise MiOptError(f"heal.eval_seq_len ({self.heal.eval_seq_len}) must equal evaluate.ppl_seq_len "
+                             f"({self.evaluate.ppl_seq_len}): it is how healing keeps clear of the evaluation text")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

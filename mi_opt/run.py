@@ -274,11 +274,13 @@ def _heal_stage(folder: RunFolder, key: str, model, tokenizer, recipe: Recipe, p
     from mi_opt.models import load_model
 
     if folder.done("heal", key):
+        _remove_heal_work(folder.root)  # left by a kill between the heal's end and this cleanup
         if need_weights:
             load_changed_(model, folder.root / WEIGHTS)
         reused.append("heal")
         return HealRecord.load(folder.root / "heal.json")
-    folder.forget("heal")
+    for stage in ("heal", "eval_healed", "export"):  # new healed weights: nothing measured on old ones stays
+        folder.forget(stage)
     work = folder.root / f"{HEAL_WORK}{key}"
     _remove_heal_work(folder.root, keep=work)
     _log(f"healing ({recipe.heal.method}, train {recipe.heal.train}) toward the original model")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from mi_opt.cli.eval import add_trust_arguments
@@ -76,7 +77,15 @@ def run(args: argparse.Namespace) -> int:
                                             trust_remote_code=args.trust_remote_code)
     check_compatible(student, teacher, tokenizer, teacher_tokenizer)
     check_teacher(plan, teacher, teacher_tokenizer)
-    work = out.parent / f"{out.name}.heal-work"
+    # Keyed by what is healed toward what and how, so a rerun resumes only the same heal.
+    from mi_opt.artifacts import model_fingerprint
+    from mi_opt.run import content_hash
+
+    key = content_hash(model_fingerprint(student), model_fingerprint(teacher), asdict(config))
+    for stale in out.parent.glob(f"{out.name}.heal-work-*"):
+        if stale.name != f"{out.name}.heal-work-{key}":
+            shutil.rmtree(stale, ignore_errors=True)
+    work = out.parent / f"{out.name}.heal-work-{key}"
     record = heal_(student, teacher, plan, config, tokenizer, work_dir=work)
     del teacher
     export(student, tokenizer, plan, out, profile=profile, force=args.force, heal=record)

@@ -12,19 +12,19 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mi_opt.arch import get_adapter
-from mi_opt.artifacts import model_fingerprint
 from mi_opt.errors import MiOptError
 from mi_opt.heal.config import METHODS, TRAINS, HealConfig
 from mi_opt.heal.data import training_windows
-from mi_opt.heal.lora import dequantized_stand_ins_, merge_lora_, quantized_names, wrap_lora
+from mi_opt.heal.lora import dequantized_stand_ins_, merge_lora_, put_back_, quantized_names, wrap_lora
 from mi_opt.heal.losses import forward_kl
-from mi_opt.heal.record import WEIGHTS, HealRecord, load_changed_, save_changed
+from mi_opt.heal.record import WEIGHTS, HealRecord, load_changed_, save_changed, settled_fingerprint
 from mi_opt.heal.sites import Block, damage_blocks
 from mi_opt.plan import CompressionPlan
 
@@ -67,8 +67,12 @@ def _decoder_linears(model: nn.Module) -> list[str]:
 
 def _layer_params(model: nn.Module, layers: list[int]) -> list[str]:
     adapter = get_adapter(model)
-    wanted = {id(p) for i in layers for p in adapter.layers()[i].parameters()}
+    wanted = {id(p) for i in layers for p in adapter.layers()[i].parameters() if p.is_floating_point()}
     return [n for n, p in model.named_parameters() if id(p) in wanted]
+
+
+def _block_layers(blocks: list[Block]) -> list[int]:
+    return sorted({i for b in blocks for i in b.layers})
 
 
 def _selection(student: nn.Module, config: HealConfig, blocks: list[Block]) -> tuple[str, list[str]]:
@@ -82,16 +86,42 @@ def _selection(student: nn.Module, config: HealConfig, blocks: list[Block]) -> t
                              "on the frozen quantized modules) or 'localized'")
         return "params", [n for n, p in student.named_parameters() if p.is_floating_point()]
     if blocks:
-        return "params", _layer_params(student, sorted({i for b in blocks for i in b.layers}))
+        adapter = get_adapter(student)
+        names = {id(m): n for n, m in student.named_modules()}
+        linears = [names[id(m)] for i in _block_layers(blocks)
+                   for m in adapter.linear_modules(adapter.layers()[i]).values()]
+        if set(linears) & set(quantized):  # a combined plan: adapters on the damaged layers' linears
+            return "lora", linears
+        return "params", _layer_params(student, _block_layers(blocks))
     if quantized:  # a bits-only plan: the damage is in the quantized modules, adapters go there
         return "lora", quantized
     raise MiOptError("heal: the plan removes and quantizes nothing, so there is nothing to heal")
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def _check_shapes(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config: HealConfig,
+                  blocks: list[Block]) -> None:
+    n_original = get_adapter(teacher).n_layers()
+    if plan.model.get("n_layers") not in (None, n_original):
+        raise MiOptError(f"the plan is for a {plan.model['n_layers']}-layer model but the teacher has {n_original}: "
+                         "heal toward the model the plan was made for")
+    expected = n_original - len(plan.drop_layers)
+    if get_adapter(student).n_layers() != expected:
+        raise MiOptError(f"the student has {get_adapter(student).n_layers()} layers but the plan leaves {expected}: "
+                         "heal the model that apply_(model, plan) returned")
+    if config.hidden_weight and not blocks:
+        raise MiOptError("heal.hidden_weight matches hidden states at removed layers or pruned heads; this plan has "
+                         "neither: set it to 0")
+    if config.uses_local and any(quantized_names(get_adapter(student).layers()[i]) for i in _block_layers(blocks)):
+        raise MiOptError("heal.method 'local' cannot fit layers that hold quantized modules; use method 'distill' "
+                         "(LoRA adapters on them)")
+
+
+def _peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_kind": "cuda, since the heal started"}
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+            "peak_memory_kind": "process peak RSS (includes whatever the process held before the heal)"}
 
 
 def _distill_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, config: HealConfig,
@@ -105,20 +135,25 @@ def _distill_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
         p.requires_grad_(False)
     own_dir = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="mi-opt-heal-")) if own_dir else Path(work_dir)
+    originals = dequantized_stand_ins_(student, quantized_names(student))
+    trainable = wrap_lora(student, names, config) if kind == "lora" else student
     try:
-        if kind == "lora":
-            originals = dequantized_stand_ins_(student, names)
-            trainable = wrap_lora(student, names, config)
-        else:
+        if kind == "params":
             params = dict(student.named_parameters())
             for n in names:
                 params[n].requires_grad_(True)
-            trainable = student
         report = distill_(student, trainable, teacher, windows, config, blocks, work, progress, callbacks)
-        if kind == "lora":
-            merge_lora_(trainable, student, originals)  # no adapters in the checkpoint: it loads where it did
+        if kind == "lora":  # no adapters in the checkpoint: it loads where it did
+            report["requantized"] = merge_lora_(trainable, student, originals)
+        else:
+            put_back_(student, originals)
+        trainable = originals = None
         return report
     finally:
+        if trainable is not None and kind == "lora":  # a failure mid-training: the model as it came
+            trainable.unload()
+        if originals:
+            put_back_(student, originals)
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -140,16 +175,18 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    n_original = plan.model.get("n_layers") or get_adapter(teacher).n_layers()
-    blocks = damage_blocks(plan, n_original, config.radius)
+    blocks = damage_blocks(plan, get_adapter(teacher).n_layers(), config.radius)
+    _check_shapes(student, teacher, plan, config, blocks)
     if config.uses_local and not blocks:
         raise MiOptError("heal.method 'local' repairs removed layers and pruned heads; this plan only quantizes: "
                          "use method 'distill' (LoRA on the quantized modules)")
     kind, names = _selection(student, config, blocks) if config.uses_distill else ("params", [])
     device = next(student.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     cost: dict = {}
     grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
-    unhealed = model_fingerprint(student)
+    unhealed = settled_fingerprint(student)
 
     started = time.perf_counter()
     n_windows = max(config.windows_needed(), config.local_windows if config.uses_local else 0)
@@ -164,7 +201,7 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     if config.uses_local:
         started = time.perf_counter()
         local_report = local_repair_(student, teacher, blocks, windows[:config.local_windows], config, progress)
-        changed.update(_layer_params(student, sorted({i for b in blocks for i in b.layers})))
+        changed.update(_layer_params(student, _block_layers(blocks)))
         cost["local_s"] = round(time.perf_counter() - started, 2)
 
     distill_report: dict = {}
@@ -182,21 +219,14 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
 
     kl_after = kl_to_teacher(student, teacher, probe)
     n_trained = sum(p.numel() for n, p in student.named_parameters() if n in changed)
-    cost.update(tokens=config.tokens(), optimizer_steps=config.steps if config.uses_distill else 0,
-                peak_memory_mb=round(_peak_memory_mb(device), 1),
-                wall_time_s=round(sum(v for k, v in cost.items() if k.endswith("_s")), 2))
+    cost.update(tokens=data_record["tokens"], optimizer_steps=config.steps if config.uses_distill else 0,
+                **_peak_memory(device), wall_time_s=round(sum(v for k, v in cost.items() if k.endswith("_s")), 2))
     trained = {"mode": config.train if config.uses_distill else "local", "kind": kind,
-               "layers": sorted({i for b in blocks for i in b.layers}), "changed_parameters": n_trained}
+               "layers": _block_layers(blocks), "changed_parameters": n_trained}
     if kind == "lora":
-        trained["modules"] = names
-    return HealRecord(config=_plain(config), trained=trained,
+        trained.update(modules=names, requantized=distill_report.get("requantized", []))
+    return HealRecord(config=asdict(config), trained=trained,
                       blocks=[{"layers": b.layers, "teacher_point": b.teacher_point, "why": b.why} for b in blocks],
                       data=data_record, local=local_report, distill=distill_report,
                       kl_to_teacher={"before": kl_before, "after": kl_after, "windows": len(probe)},
                       changed=sorted(changed), unhealed_fingerprint=unhealed, cost=cost)
-
-
-def _plain(config: HealConfig) -> dict:
-    from dataclasses import asdict
-
-    return asdict(config)

@@ -28,6 +28,7 @@ class HealConfig:
     source: str = "handbook"         # text source of the calibration split (mi_opt.data.load_text)
     self_generated: float = 0.0      # fraction of training windows the teacher writes itself
     seq_len: int = 256               # tokens per training window
+    eval_seq_len: int = 256          # no training token comes from an evaluation window of this length
     seed: int = 0
     # --- distillation (method distill / local+distill)
     steps: int = 40                  # optimizer steps
@@ -56,7 +57,7 @@ class HealConfig:
             raise MiOptError(f"heal.train must be one of {', '.join(TRAINS)}, got {self.train!r}")
         if not 0.0 <= self.self_generated <= 1.0:
             raise MiOptError(f"heal.self_generated must be a fraction in [0, 1], got {self.self_generated}")
-        for name in ("seq_len", "steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "local_steps",
+        for name in ("seq_len", "eval_seq_len", "steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "local_steps",
                      "local_windows"):
             if getattr(self, name) < 1:
                 raise MiOptError(f"heal.{name} must be >= 1, got {getattr(self, name)}")
@@ -65,7 +66,12 @@ class HealConfig:
         for name in ("lr", "local_lr", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise MiOptError(f"heal.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "radius", "weight_decay", "hidden_weight"):
+        if self.radius < 1:
+            raise MiOptError(f"heal.radius must be >= 1 (the kept layers on each side of a site that train), "
+                             f"got {self.radius}")
+        if self.warmup_steps and self.schedule == "constant":
+            raise MiOptError("heal.warmup_steps needs a schedule with warmup: constant_with_warmup, cosine or linear")
+        for name in ("warmup_steps", "weight_decay", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise MiOptError(f"heal.{name} must be >= 0, got {getattr(self, name)}")
         if self.schedule not in ("constant", "cosine", "linear", "constant_with_warmup"):

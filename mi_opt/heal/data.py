@@ -57,15 +57,17 @@ def training_windows(tokenizer, teacher: nn.Module, config: HealConfig, n_window
     n_prose = n_windows - n_self
     parts, record = [], {"source": config.source, "split": "calibration", "prose_windows": n_prose,
                          "self_generated_windows": n_self, "seq_len": config.seq_len}
+    def calibration(n: int, seed: int) -> torch.Tensor:
+        return token_windows(tokenizer, config.source, n, config.seq_len, split="calibration", seed=seed,
+                             max_positions=max_positions, cycle=True, avoid_eval_len=config.eval_seq_len)
+
     if n_prose:
-        parts.append(token_windows(tokenizer, config.source, n_prose, config.seq_len, split="calibration",
-                                   seed=config.seed, max_positions=max_positions, cycle=True))
+        parts.append(calibration(n_prose, config.seed))
     if n_self:
-        # Prompts come from another draw of the calibration split (seed + 1), so generated text
-        # does not simply repeat the prose windows above.
+        # Prompts are the first tokens of another draw of calibration windows (seed + 1), so the
+        # generated text does not simply repeat the prose windows above.
         prompt_len = min(PROMPT_TOKENS, config.seq_len // 2)
-        prompts = token_windows(tokenizer, config.source, n_self, prompt_len, split="calibration",
-                                seed=config.seed + 1, max_positions=max_positions, cycle=True)
+        prompts = calibration(n_self, config.seed + 1)[:, :prompt_len]
         parts.append(self_generated_windows(teacher, prompts, config.seq_len, config.seed, tokenizer.pad_token_id,
                                             progress))
         record["generation"] = {"prompt_tokens": prompt_len, "do_sample": True, "top_p": 0.95,
@@ -74,4 +76,5 @@ def training_windows(tokenizer, teacher: nn.Module, config: HealConfig, n_window
     if n_prose and n_self:  # interleave, so every step sees both kinds
         windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))]
     record["tokens"] = int(windows.numel())
+    record["avoids_evaluation_windows_of"] = config.eval_seq_len
     return windows, record

@@ -57,6 +57,11 @@ def _block_loss(adapter, block: Block, recorded, targets, index: int) -> torch.T
     return relative_mse(out, targets[index][block.teacher_point])
 
 
+def _mean_loss(adapter, block: Block, recorded, targets) -> float:
+    with torch.no_grad():
+        return sum(_block_loss(adapter, block, recorded, targets, i).item() for i in range(len(recorded))) / len(recorded)
+
+
 def local_repair_(student: nn.Module, teacher: nn.Module, blocks: list[Block], windows: torch.Tensor,
                   config: HealConfig, progress: bool = True) -> list[dict]:
     """Repair every block in place; returns per block its relative MSE before and after, and time."""
@@ -73,9 +78,7 @@ def local_repair_(student: nn.Module, teacher: nn.Module, blocks: list[Block], w
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=config.local_lr, weight_decay=0.0)
-        with torch.no_grad():
-            start_loss = sum(_block_loss(adapter, block, recorded, targets, i).item()
-                             for i in range(len(batches))) / len(batches)
+        start_loss = _mean_loss(adapter, block, recorded, targets)
         student.train()
         try:
             for step in tqdm(range(config.local_steps), desc=f"local repair L{block.first}-L{block.last}",
@@ -90,9 +93,7 @@ def local_repair_(student: nn.Module, teacher: nn.Module, blocks: list[Block], w
             for p, flag in zip(params, before):
                 p.requires_grad_(flag)
                 p.grad = None
-        with torch.no_grad():
-            end_loss = sum(_block_loss(adapter, block, recorded, targets, i).item()
-                           for i in range(len(batches))) / len(batches)
+        end_loss = _mean_loss(adapter, block, recorded, targets)
         report.append({"layers": block.layers, "teacher_point": block.teacher_point, "why": block.why,
                        "relative_mse_before": start_loss, "relative_mse_after": end_loss,
                        "wall_time_s": round(time.perf_counter() - started, 2)})

@@ -11,9 +11,9 @@ healing measures.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from mi_opt.arch import get_adapter
 from mi_opt.heal.config import HealConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -41,30 +41,30 @@ def wrap_lora(student: nn.Module, modules: list[str], config: HealConfig) -> nn.
 
 def dequantized_stand_ins_(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """Replace each quantized module in `names` by a frozen nn.Linear with the weight it computes
-    with; returns the replaced modules by name (merge_lora_ quantizes them again)."""
-    from mi_opt.surgery.quantize import effective_weight
+    with; returns the replaced modules by name (merge_lora_ or put_back_ restores them). Every
+    quantized module on the gradient's path needs one, not only those with adapters."""
+    from mi_opt.surgery.quantize import effective_weight, linear_from
 
+    dtype = get_adapter(model).embedding().weight.dtype  # what the rest of the model computes in
     originals = {}
     for name in names:
         module = model.get_submodule(name)
-        if not is_quantized(module):
-            continue
-        weight = effective_weight(module)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-        linear.requires_grad_(False)
-        model.set_submodule(name, linear)
-        originals[name] = module
+        if is_quantized(module):
+            model.set_submodule(name, linear_from(effective_weight(module).to(dtype), module.bias).requires_grad_(False))
+            originals[name] = module
     return originals
 
 
-def merge_lora_(wrapped: nn.Module, student: nn.Module, originals: dict[str, nn.Module] | None = None) -> None:
-    """Fold every adapter into its module's weights and remove the adapters, in place; the
-    stand-ins of quantized modules (`originals`) become quantized modules again."""
+def put_back_(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Undo dequantized_stand_ins_ for these modules: the quantized modules, as they were."""
+    for name, module in originals.items():
+        model.set_submodule(name, module)
+
+
+def merge_lora_(wrapped: nn.Module, student: nn.Module, originals: dict[str, nn.Module] | None = None) -> list[str]:
+    """Fold every adapter into its module's weights and remove the adapters, in place. Stand-ins
+    (`originals`) with an adapter become quantized modules holding the update; the others get
+    their quantized module back unchanged. Returns the names quantized again."""
     from peft.tuners.lora import LoraLayer
 
     originals = originals or {}
@@ -75,12 +75,15 @@ def merge_lora_(wrapped: nn.Module, student: nn.Module, originals: dict[str, nn.
         name = name.removeprefix(PEFT_PREFIX)
         if name in originals:
             delta = module.get_delta_weight(module.active_adapters[0]).float()
-            requantize[name] = module.get_base_layer().weight.float() + delta
+            base = module.get_base_layer().weight
+            requantize[name] = (base.float() + delta).to(base.dtype)
         else:
             module.merge()
     wrapped.unload()  # strips the wrappers; merged plain modules keep their merged weights
-    if originals:
+    put_back_(student, {n: m for n, m in originals.items() if n not in requantize})
+    if requantize:
         from mi_opt.surgery.quantize import requantize_
 
-        for name, original in originals.items():
-            requantize_(student, name, requantize[name], like=original)
+        for name, weight in requantize.items():
+            requantize_(student, name, weight, like=originals[name])
+    return sorted(requantize)

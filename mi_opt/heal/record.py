@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mi_opt.arch import get_adapter
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
 
@@ -36,9 +37,12 @@ class HealRecord(JsonArtifact):
         """What healing trained, on what, at what cost, and how far it moved toward the original."""
         c, cost, kl, data, trained = self.config, self.cost, self.kl_to_teacher, self.data, self.trained
         near = f"the layers next to each damaged site (student layers {trained.get('layers')})"
-        what = {"localized": near, "local": near, "all": "every weight",
-                "lora": f"LoRA adapters of rank {c['lora_rank']} on {len(trained.get('modules', []))} modules, "
-                        "merged into the weights"}[trained["mode"]]
+        if trained["kind"] == "lora":
+            merged = ("merged into the weights; quantized modules quantized again at their own width and format"
+                      if trained.get("requantized") else "merged into the weights")
+            what = f"LoRA adapters of rank {c['lora_rank']} on {len(trained.get('modules', []))} modules, {merged}"
+        else:
+            what = {"localized": near, "local": near, "all": "every weight"}[trained["mode"]]
         lines = [f"Method `{c['method']}`: trained {what} ({trained.get('changed_parameters', 0):,} parameters).",
                  f"Data: {data.get('prose_windows', 0)} calibration windows of `{data.get('source')}` "
                  "(calibration split)"
@@ -59,6 +63,18 @@ class HealRecord(JsonArtifact):
         lines.append(f"KL to the original on training windows: {kl['before']:.4f} -> {kl['after']:.4f} nats/token. "
                      f"Wall time {cost['wall_time_s']:.0f} s, peak memory {cost['peak_memory_mb']:.0f} MB.")
         return lines
+
+
+def settled_fingerprint(model: nn.Module) -> str:
+    """The model's fingerprint after one tiny forward. bitsandbytes' CPU 4-bit modules repack their
+    weights (absmax rounded to bf16) at the first forward, which changes their saved state: the
+    heal and a later run that loads its weights must fingerprint the model in the same state."""
+    from mi_opt.artifacts import model_fingerprint
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model(torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    return model_fingerprint(model)
 
 
 def save_changed(model: nn.Module, names: list[str], path: Path, unhealed_fingerprint: str) -> Path:
@@ -96,15 +112,13 @@ def load_changed_(model: nn.Module, path: Path) -> nn.Module:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from mi_opt.artifacts import model_fingerprint
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise MiOptError(f"{path} is not a readable safetensors file ({err}); rerun the heal stage") from None
-    if meta.get("unhealed_fingerprint") != model_fingerprint(model):
+    if meta.get("unhealed_fingerprint") != settled_fingerprint(model):
         raise MiOptError(f"{path} holds weights healed from another compressed model (another plan or source); "
                          "rerun the heal stage")
     requantized = set(json.loads(meta.get("requantize", "[]")))
@@ -119,7 +133,8 @@ def load_changed_(model: nn.Module, path: Path) -> nn.Module:
             if n in requantized:
                 from mi_opt.surgery.quantize import requantize_
 
-                requantize_(model, n.rsplit(".", 1)[0], t.to(params[n].device))
+                dtype = get_adapter(model).embedding().weight.dtype
+                requantize_(model, n.rsplit(".", 1)[0], t.to(params[n].device, dtype))
             else:
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
     return model

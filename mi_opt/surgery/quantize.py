@@ -152,18 +152,22 @@ def resolve_targets(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
     return {**by_layer, **by_module}  # a module key overrides its layer key
 
 
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` ([out, in]) and `bias`, in the weight's dtype."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
 def _as_linear(module: nn.Module) -> nn.Linear:
     """GPT-2 Conv1D (weight stored [in, out]) as the equivalent nn.Linear."""
     if type(module) is nn.Linear:
         return module
-    in_f, out_f = module.weight.shape
-    lin = nn.Linear(in_f, out_f, bias=module.bias is not None, device=module.weight.device,
-                    dtype=module.weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(module.weight.T)
-        if module.bias is not None:
-            lin.bias.copy_(module.bias)
-    return lin
+    return linear_from(module.weight.T, module.bias)
 
 
 def empty_bnb_module(linear: nn.Module, width: int, quant_type: str,
@@ -238,24 +242,13 @@ def requantize_(model: nn.Module, name: str, weight: torch.Tensor, like: nn.Modu
     trained update. Rounding to nearest again, so an update smaller than half a quantization
     step is lost: heal measures what survives."""
     module = like if like is not None else model.get_submodule(name)
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-    current = model.get_submodule(name)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(current.bias)
     width = _width(module)
     threshold = module.state.threshold if width == 8 else INT8_THRESHOLD
-    q = _quantized(linear, width, getattr(module.weight, "quant_type", "nf4"), threshold)
+    q = _quantized(linear_from(weight, model.get_submodule(name).bias), width,
+                   getattr(module.weight, "quant_type", "nf4"), threshold)
     q.source_cls = getattr(module, "source_cls", nn.Linear)
     model.set_submodule(name, q)
     return q
-
-
-def is_quantized(module: nn.Module) -> bool:
-    bnb = _bnb()
-    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
 
 def quantized_modules(model: nn.Module) -> dict[str, tuple[int, str | None]]:

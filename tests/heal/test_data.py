@@ -52,11 +52,31 @@ def test_self_generated_windows_come_from_the_teacher_and_calibration_prompts(to
     config = HealConfig(source="kjv", seq_len=24, self_generated=0.5)
     windows, record = training_windows(tokenizer, teacher, config, 8, progress=False)
     assert windows.shape == (8, 24) and record["self_generated_windows"] == 4 and record["prose_windows"] == 4
-    prompts = token_windows(tokenizer, "kjv", 4, record["generation"]["prompt_tokens"], split="calibration",
-                            seed=config.seed + 1, cycle=True)
+    prompts = token_windows(tokenizer, "kjv", 4, 24, split="calibration", seed=config.seed + 1, cycle=True,
+                            avoid_eval_len=config.eval_seq_len)[:, :record["generation"]["prompt_tokens"]]
     calibration = _rows(token_windows(tokenizer, "kjv", 10_000, 24, split="calibration", cycle=True))
     generated = [r for r in windows if tuple(r.tolist()) not in calibration]
     assert len(generated) == 4
     assert _rows(torch.stack(generated)[:, :prompts.shape[1]]) == _rows(prompts)
     again, _ = training_windows(tokenizer, teacher, config, 8, progress=False)
     assert torch.equal(windows, again)  # seeded: the same text every time
+
+
+@pytest.mark.parametrize("body, eval_body", [(16, 256), (255, 255), (300, 256), (31, 7)])
+def test_windows_touching_an_evaluation_window_of_another_length_are_found(body, eval_body):
+    from mi_opt.data import EVAL_EVERY, _touches_evaluation
+
+    n = 200
+    got = _touches_evaluation(n, body, eval_body).tolist()
+    for i in range(n):
+        tokens = range(i * body, (i + 1) * body)
+        assert got[i] == any((t // eval_body) % EVAL_EVERY == EVAL_EVERY - 1 for t in tokens), i
+
+
+def test_healing_windows_of_another_length_hold_no_evaluation_token(tokenizer):
+    windows, record = training_windows(tokenizer, None, HealConfig(source="kjv", seq_len=40, eval_seq_len=256), 300)
+    assert record["avoids_evaluation_windows_of"] == 256
+    every = _rows(token_windows(tokenizer, "kjv", 10_000, 40, split="calibration", cycle=True))
+    allowed = _rows(token_windows(tokenizer, "kjv", 10_000, 40, split="calibration", cycle=True,
+                                  avoid_eval_len=256))
+    assert _rows(windows) <= allowed < every

@@ -158,6 +158,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(tokenizer):
     ({"method": "retrain"}, "heal.method"), ({"train": "some"}, "heal.train"), ({"steps": 0}, "heal.steps"),
     ({"lr": 0.0}, "heal.lr"), ({"self_generated": 1.5}, "heal.self_generated"),
     ({"method": "local", "train": "lora"}, "heal.train 'lora'"), ({"schedule": "cyclic"}, "heal.schedule"),
+    ({"radius": 0}, "heal.radius"), ({"warmup_steps": 5}, "heal.warmup_steps"),
 ])
 def test_bad_heal_options_name_the_key(options, message):
     with pytest.raises(MiOptError, match=message):
@@ -200,3 +201,44 @@ def test_a_quantized_plan_heals_through_adapters_and_stays_quantized(tokenizer, 
     reloaded = load_compressed(tmp_path / "out")
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, student(ids).logits, atol=1e-3)
+
+
+def test_a_combined_plan_heals_its_damaged_layers_through_adapters(tokenizer):
+    from mi_opt.surgery.quantize import quantized_modules
+
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    plan = CompressionPlan(model={"n_layers": 4}, drop_layers=[1], bits={"L0": 8, "L2": 4, "L3": 4})
+    apply_(student, plan)
+    widths = quantized_modules(student)
+    record = heal_(student, teacher, plan, HealConfig(method="distill", **{**SMALL, "lr": 1e-2}), tokenizer,
+                   progress=False)
+    assert record.trained["kind"] == "lora" and record.trained["layers"] == [0, 1]
+    assert all(m.startswith(("model.layers.0.", "model.layers.1.")) for m in record.trained["modules"])
+    assert quantized_modules(student) == widths
+    assert record.kl_to_teacher["after"] < record.kl_to_teacher["before"]
+    assert "quantized again" in " ".join(record.summary())
+
+
+@pytest.mark.parametrize("plan_kw, config_kw, message", [
+    ({"drop_layers": [1]}, {"hidden_weight": 1.0, "method": "distill"}, None),
+    ({"bits": {"L0": 8}}, {"hidden_weight": 1.0}, "hidden_weight"),
+    ({"drop_layers": [1], "model": {"n_layers": 5}}, {}, "5-layer model"),
+])
+def test_a_heal_that_cannot_mean_anything_is_refused(plan_kw, config_kw, message, tokenizer):
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    plan = CompressionPlan(**{"model": {"n_layers": 4}, **plan_kw})
+    apply_(student, CompressionPlan(**{**plan_kw, "model": {"n_layers": 4}}))
+    if message is None:  # the unrefused twin: hidden-state matching at a cut is fine
+        heal_(student, teacher, plan, HealConfig(**{**SMALL, **config_kw}), tokenizer, progress=False)
+        return
+    with pytest.raises(MiOptError, match=message):
+        heal_(student, teacher, plan, HealConfig(**{**SMALL, **config_kw}), tokenizer, progress=False)
+
+
+def test_a_student_the_plan_did_not_make_is_refused(tokenizer):
+    teacher = tiny_model("llama")
+    plan = CompressionPlan(model={"n_layers": 4}, drop_layers=[1, 2])
+    with pytest.raises(MiOptError, match="plan leaves 2"):
+        heal_(copy.deepcopy(teacher), teacher, plan, HealConfig(**SMALL), tokenizer, progress=False)

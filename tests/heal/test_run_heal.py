@@ -14,7 +14,7 @@ from mi_opt.recipe import recipe_from_dict
 from mi_opt.run import run
 
 HEAL = {"method": "local+distill", "train": "localized", "source": "kjv", "steps": 3, "batch_size": 2,
-        "seq_len": 16, "save_steps": 2, "local_steps": 10, "local_windows": 4, "lr": 1e-3, "local_lr": 1e-3}
+        "seq_len": 16, "eval_seq_len": 16, "save_steps": 2, "local_steps": 10, "local_windows": 4, "lr": 1e-3, "local_lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,11 @@ def test_cli_heal_heals_an_exported_checkpoint(tiny_folder, tmp_path, capsys):
     checkpoint = tmp_path / "h" / "checkpoint"
     out = tmp_path / "healed"
     args = ["heal", str(checkpoint), "--teacher", tiny_folder, "--out", str(out), "--method", "distill",
-            "--steps", "2", *[f"--option={k}={v}" for k, v in HEAL.items() if k not in ("method", "steps")]]
+            "--steps", "2", *[f"--option={k}={v}" for k, v in HEAL.items() if k not in ("method", "steps", "eval_seq_len")]]
     assert main(args) == 0
     assert "healed:" in capsys.readouterr().out
     assert (out / "heal.json").exists() and (out / "plan.json").exists()
-    assert not (tmp_path / "healed.heal-work").exists()
+    assert not list(tmp_path.glob("healed.heal-work*"))
     before = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     after = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 512, (1, 8))
