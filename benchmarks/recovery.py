@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -56,8 +57,9 @@ CELLS = {
     "drop7-local": ("drop7", LOCAL),
     "drop7-local+distill-localized-40": ("drop7", {**LOCAL_DISTILL, "steps": 40}),
     "heads-third-unhealed": ("heads-third", None),
-    "heads-third-local": ("heads-third", LOCAL),
-    "heads-third-local+distill-localized-40": ("heads-third", {**LOCAL_DISTILL, "steps": 40}),
+    # every layer lost heads: 30 one-layer sites, so fewer local steps per site
+    "heads-third-local": ("heads-third", {**LOCAL, "local_steps": 30}),
+    "heads-third-local+distill-localized-40": ("heads-third", {**LOCAL_DISTILL, "steps": 40, "local_steps": 30}),
     "bits-mix-unhealed": ("bits-mix", None),
     "bits-mix-distill-localized-40": ("bits-mix", {**DISTILL, "steps": 40, "lr": 1e-3}),
     "drop7-local+distill-localized-20": ("drop7", {**LOCAL_DISTILL, "steps": 20}),
@@ -151,6 +153,7 @@ def main(argv=None) -> None:
                 continue
             print(f"cell {name}", flush=True)
             write_json(path, run_cell(name, teacher, tokenizer))
+            shutil.rmtree(OUT / "work" / name, ignore_errors=True)  # resumable checkpoints, hundreds of MB
             print(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
                               if k in ("perplexity", "perplexity_kjv", "tasks")}), flush=True)
     render(OUT, CELLS)

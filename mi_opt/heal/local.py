@@ -1,12 +1,12 @@
 """Local repair: fit only the layers around each damaged site to the teacher, from cached activations.
 
-For each block (mi_opt.heal.sites), one pass of the student over the calibration windows
-records the hidden state entering the block and the extra arguments its layers receive
-(rotary embeddings, masks); one pass of the teacher records the residual stream at the
-block's target point. The block's layers then train alone, replayed on the cached inputs, to
-reproduce the target (relative MSE). No lm_head and no full forward in the loop, so a block
-trains in seconds. Blocks are repaired in order, and each block's inputs are recorded after
-the blocks before it were repaired, so later repairs see the student as it now is.
+One pass of the student over the calibration windows records the hidden state entering the
+first block (mi_opt.heal.sites) and the extra arguments every layer receives (rotary
+embeddings, masks); one pass of the teacher records the residual stream at each block's target
+point. Each block's layers then train alone, replayed on the cached inputs, to reproduce their
+target (relative MSE). No lm_head and no full forward in the loop, so a block trains in
+seconds. Blocks are repaired in order, and the cached hidden states are carried from one block
+to the next through the layers as they now are, repaired ones included.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def _teacher_targets(teacher: nn.Module, batches: list[torch.Tensor], points: li
     return targets
 
 
-def _block_inputs(student: nn.Module, batches: list[torch.Tensor],
-                  block: Block) -> list[tuple[torch.Tensor, LayerInputs]]:
+def _record_inputs(student: nn.Module, batches: list[torch.Tensor],
+                   first: int) -> list[tuple[torch.Tensor, LayerInputs]]:
+    """Per batch: the hidden state entering layer `first`, and every layer's extra arguments."""
     adapter = get_adapter(student)
     recorded = []
     with torch.no_grad():
@@ -45,10 +46,17 @@ def _block_inputs(student: nn.Module, batches: list[torch.Tensor],
             inputs = LayerInputs(adapter)
             with attached(inputs.hooks()):
                 adapter.decoder()(ids, use_cache=False)
-            hidden = inputs.hidden[block.first]
-            inputs.hidden = [None] * len(inputs.hidden)  # keep only what the block replays on
+            hidden = inputs.hidden[first]
+            inputs.hidden = [None] * len(inputs.hidden)  # the extras are all that replays need
             recorded.append((hidden, inputs))
     return recorded
+
+
+def _advance(adapter, recorded, start: int, stop: int) -> list[tuple[torch.Tensor, LayerInputs]]:
+    """The recorded hidden states carried from layer `start` to `stop` by the (repaired) layers."""
+    with torch.no_grad():
+        return [(run_layers(adapter, start, hidden, inputs, hidden.shape[0], stop=stop), inputs)
+                for hidden, inputs in recorded]
 
 
 def _block_loss(adapter, block: Block, recorded, targets, index: int) -> torch.Tensor:
@@ -69,10 +77,12 @@ def local_repair_(student: nn.Module, teacher: nn.Module, blocks: list[Block], w
     device = adapter.embedding().weight.device
     batches = [windows[i:i + config.batch_size].to(device) for i in range(0, len(windows), config.batch_size)]
     targets = _teacher_targets(teacher, batches, [b.teacher_point for b in blocks])
+    recorded = _record_inputs(student, batches, blocks[0].first)
+    at = blocks[0].first  # the layer whose input `recorded` holds
     report = []
     for block in blocks:
         started = time.perf_counter()
-        recorded = _block_inputs(student, batches, block)
+        recorded, at = _advance(adapter, recorded, at, block.first), block.first
         params = [p for i in block.layers for p in adapter.layers()[i].parameters() if p.is_floating_point()]
         before = [p.requires_grad for p in params]
         for p in params:
