@@ -25,6 +25,7 @@ CORPUS_DIR = Path(__file__).parent / "corpora"
 EVAL_EVERY = 5
 SPLITS = ("calibration", "evaluation")
 REPEAT = "repeat:"  # source prefix: windows whose first half is written twice
+SYNTHETIC_KINDS = ("arithmetic",)  # synthetic:<kind> sources generated here
 BUNDLED_CORPORA = {"kjv": CORPUS_DIR / "kjv.txt", "handbook": CORPUS_DIR / "handbook.txt"}
 DEBIAN_HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
 
@@ -70,13 +71,17 @@ def _read_file(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _hf_dataset(spec: str) -> str:
+def _hf_parts(spec: str) -> tuple[str, str | None, str]:
     parts = spec.split(":")[1:]
-    if len(parts) not in (2, 3):
+    if len(parts) not in (2, 3) or not all(parts):
         raise MiOptError(f"HF dataset source {spec!r} must look like hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    return (parts[0], None, parts[1]) if len(parts) == 2 else tuple(parts)
+
+
+def _hf_dataset(spec: str) -> str:
+    name, config, split = _hf_parts(spec)
     import datasets
 
-    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     ds = datasets.load_dataset(name, config, split=split)
     return "\n\n".join(row["text"] for row in ds if row["text"].strip())
 
@@ -86,7 +91,7 @@ def _synthetic(kind: str, n_lines: int = 6000, seed: int = 1234) -> str:
 
     "arithmetic": lines "a + b = c" (a, b below 60), grouped in blocks like few-shot prompts.
     """
-    if kind != "arithmetic":
+    if kind not in SYNTHETIC_KINDS:
         raise MiOptError(f"unknown synthetic corpus {kind!r}; available: synthetic:arithmetic")
     g = torch.Generator().manual_seed(seed)
     pairs = torch.randint(0, 60, (n_lines, 2), generator=g).tolist()
@@ -94,9 +99,55 @@ def _synthetic(kind: str, n_lines: int = 6000, seed: int = 1234) -> str:
     return "\n\n".join("\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4))
 
 
+def _unknown_source(source: str) -> MiOptError:
+    return MiOptError(
+        f"unknown text source {source!r}: use a bundled corpus ({', '.join(BUNDLED_CORPORA)}), "
+        "handbook-full / kjv-full (Debian packages), a .txt/.jsonl file, or hf:NAME:SPLIT")
+
+
+def _is_mix(source: str) -> bool:
+    return "+" in source and not Path(source).exists()  # a file may have '+' in its name
+
+
+def check_source(source: str) -> None:
+    """Raise what load_text would for a source that cannot resolve, without reading any text.
+
+    For `mi-opt validate`: bundled names, the Debian installs, existing files, `synthetic:`
+    kinds and `repeat:` / `+` forms are checked here; an `hf:` source is only checked for its
+    shape, since whether it downloads depends on the network at run time.
+    """
+    if _is_mix(source):
+        for part in source.split("+"):
+            check_source(part)
+        return
+    source = source.removeprefix(REPEAT)
+    if source in BUNDLED_CORPORA:
+        return
+    if source == "handbook-full":
+        if not DEBIAN_HANDBOOK.is_dir():
+            raise MiOptError("corpus 'handbook-full' needs Debian's package: apt-get install debian-handbook")
+        return
+    if source == "kjv-full":
+        import shutil
+
+        if shutil.which("bible") is None:
+            raise MiOptError("corpus 'kjv-full' needs Debian's package: apt-get install bible-kjv")
+        return
+    if source.startswith("hf:"):
+        _hf_parts(source)
+        return
+    if source.startswith("synthetic:"):
+        if source.split(":", 1)[1] not in SYNTHETIC_KINDS:
+            raise MiOptError(f"unknown synthetic corpus {source!r}; available: "
+                             f"{', '.join('synthetic:' + k for k in SYNTHETIC_KINDS)}")
+        return
+    if not Path(source).expanduser().is_file():
+        raise _unknown_source(source)
+
+
 def load_text(source: str) -> str:
     """The raw text of one source, or of several joined with '+'."""
-    if "+" in source and not Path(source).exists():
+    if _is_mix(source):
         return "\n\n".join(load_text(part) for part in source.split("+"))
     if source in BUNDLED_CORPORA:
         return BUNDLED_CORPORA[source].read_text(encoding="utf-8")
@@ -111,9 +162,7 @@ def load_text(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path)
-    raise MiOptError(
-        f"unknown text source {source!r}: use a bundled corpus ({', '.join(BUNDLED_CORPORA)}), "
-        "handbook-full / kjv-full (Debian packages), a .txt/.jsonl file, or hf:NAME:SPLIT")
+    raise _unknown_source(source)
 
 
 def _uses_bos(tokenizer) -> bool:
@@ -175,7 +224,7 @@ def token_windows(tokenizer, source: str, n_samples: int, seq_len: int, split: s
         raise MiOptError(f"seq_len {seq_len} exceeds the model's context of {max_positions} tokens; lower seq_len")
     # A mix "a+b" draws windows from each part in turn, so a small corpus (task-style text)
     # is as present in the windows as a large one, whatever their sizes.
-    parts = source.split("+") if "+" in source and not Path(source).exists() else [source]
+    parts = source.split("+") if _is_mix(source) else [source]
     generator = torch.Generator().manual_seed(seed)
     pools = []
     for part in parts:

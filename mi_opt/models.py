@@ -122,6 +122,28 @@ def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
         if not (folder / "config.json").exists():
             convert_gguf(BUNDLED[spec].locate_gguf(), folder)
         return folder, None
+    return _local_or_hub(spec)
+
+
+def check_model_spec(spec: str) -> Path | None:
+    """Raise what load_model would for a spec that cannot resolve, loading and writing nothing;
+    returns the model's config.json when one is on disk (a folder, or a converted bundled model).
+
+    A bundled model is only checked to be installed: locating Gemma's GGUF assembles it, and
+    converting takes minutes. A hub id passes on its shape: it needs a network at run time.
+    """
+    if spec in BUNDLED:
+        model = BUNDLED[spec]
+        _package_dir(model.package.replace("-", "_"), model.install)
+        config = _converted_dir(spec) / "config.json"
+    else:
+        source, gguf_file = _local_or_hub(spec)
+        config = source / "config.json" if isinstance(source, Path) and not gguf_file else None
+    return config if config is not None and config.is_file() else None
+
+
+def _local_or_hub(spec: str) -> tuple[Path | str, str | None]:
+    """resolve_model_path for what is not bundled: an existing folder or GGUF, or a hub id."""
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
