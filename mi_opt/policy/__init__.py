@@ -58,6 +58,7 @@ def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None,
     model = _model_for(profile, model)
     ctx = PlanContext(model=model, cost=ModelCost.from_model(model), windows=windows, progress=progress)
     plan = planner.fn(profile, cfg, ctx)
+    check_leaves_a_model(plan, ctx.cost)
     plan.model = {"spec": profile.model.get("spec"), "fingerprint": profile.model.get("fingerprint"),
                   "model_type": profile.model.get("model_type"), "n_layers": ctx.cost.n_layers}
     plan.planner = {"name": planner_name, "config": dataclasses.asdict(cfg), **plan.planner}
@@ -65,3 +66,17 @@ def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None,
                     "method": {k: profile.method.get(k) for k in ("scorer", "ablation", "engine")},
                     "calibration": profile.calibration}
     return plan
+
+
+def check_leaves_a_model(plan: CompressionPlan, cost: ModelCost) -> None:
+    """Refuse a plan that deletes every layer, or every head of a layer it keeps. apply would
+    refuse it too, but only after the plan was written and handed on; a planner reaches one
+    when protect_first / protect_last are 0 and the budget asks for everything."""
+    kept = [i for i in range(cost.n_layers) if i not in set(plan.drop_layers)]
+    if not kept:
+        raise MiOptError(f"the plan would drop all {cost.n_layers} layers, leaving no model; lower the budget "
+                         "(or protect a layer with protect_first / protect_last)")
+    for layer, heads in plan.prune_heads.items():
+        if int(layer) in kept and len(set(heads)) >= cost.geometry[int(layer)].n_heads:
+            raise MiOptError(f"the plan would remove all {cost.geometry[int(layer)].n_heads} heads of layer "
+                             f"{layer}; lower the head budget, or drop that layer instead")

@@ -58,4 +58,10 @@ def test_plan_errors_are_one_line_and_write_nothing(tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "no head scores" in capsys.readouterr().err
     assert main(["plan", str(tmp_path / "profile.json"), "--budget", "n_drop", "--out", str(out)]) == 2
-    assert not out.exists()
+    capsys.readouterr()
+    # With nothing protected the planner reaches every layer; the plan is refused, not written.
+    assert main(["plan", str(tmp_path / "profile.json"), "--budget", "n_drop=4", "--option", "protect_first=0",
+                 "--option", "protect_last=0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert err.startswith("mi-opt plan: error: the plan would drop all 4 layers"), err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "profile.json"]

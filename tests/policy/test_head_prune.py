@@ -158,3 +158,18 @@ def test_pruning_in_rounds_rescores_the_pruned_model():
         make_plan(profile, "head-prune", {"fraction": 0.5, "mode": "free", "rounds": 2}, model)
     with pytest.raises(MiOptError, match="rounds must be >= 1"):
         make_plan(profile, "head-prune", {"fraction": 0.5, "rounds": 0}, model)
+
+
+@pytest.mark.parametrize("drop,prune,message", [
+    ([0, 1, 2, 3], {}, "would drop all 4 layers"),
+    ([], {1: [0, 1, 2, 3]}, "would remove all 4 heads of layer 1"),
+])
+def test_a_plan_that_leaves_no_model_is_refused(drop, prune, message):
+    from mi_opt.plan import CompressionPlan
+    from mi_opt.policy import check_leaves_a_model
+    from mi_opt.policy.cost import ModelCost
+
+    cost = ModelCost.from_model(tiny_model())
+    with pytest.raises(MiOptError, match=message):
+        check_leaves_a_model(CompressionPlan(model={}, drop_layers=drop, prune_heads=prune), cost)
+    check_leaves_a_model(CompressionPlan(model={}, drop_layers=[0, 1, 2], prune_heads={3: [0, 1, 2]}), cost)
