@@ -57,10 +57,18 @@ def _debian_kjv() -> str:
     return "\n".join(re.sub(r"^\S+\d+:\d+\s+", "", line) for line in raw.splitlines())
 
 
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise MiOptError(f"text file {path} is not UTF-8 ({err.reason} at byte {err.start}); convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read_file(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_utf8_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -68,7 +76,7 @@ def _read_file(path: Path) -> str:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise MiOptError(f"{path}:{n}: each JSONL line needs a string field 'text' ({err})") from err
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return _utf8_text(path)
 
 
 def _hf_parts(spec: str) -> tuple[str, str | None, str]:
@@ -80,9 +88,19 @@ def _hf_parts(spec: str) -> tuple[str, str | None, str]:
 
 def _hf_dataset(spec: str) -> str:
     name, config, split = _hf_parts(spec)
-    import datasets
-
-    ds = datasets.load_dataset(name, config, split=split)
+    try:
+        import datasets
+    except ImportError:
+        raise MiOptError(f"source {spec!r} needs the datasets package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except (OSError, ValueError) as err:  # no network (ConnectionError), no such dataset, config or split
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise MiOptError(f"could not load {spec!r} from the Hugging Face hub ({reason}); hf: sources need a "
+                         "network and an existing dataset, config and split; offline, use a .txt/.jsonl file") from None
+    if "text" not in ds.column_names:
+        raise MiOptError(f"{spec!r} has no 'text' column (it has {', '.join(ds.column_names)}); export the text "
+                         "to a .txt/.jsonl file")
     return "\n\n".join(row["text"] for row in ds if row["text"].strip())
 
 

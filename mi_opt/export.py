@@ -172,13 +172,19 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _load_weights_(model: nn.Module, folder: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from mi_opt.models import corrupt_weights
 
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     state = {}
     for name in files:
-        state.update(load_file(str(folder / name)))
+        try:
+            state.update(load_file(str(folder / name)))
+        except SafetensorError as err:
+            raise corrupt_weights(folder, err) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
@@ -201,8 +207,15 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
     if not (folder / SIDECAR).is_file():
         if not (folder / "config.json").is_file():
             raise MiOptError(f"{folder} is not a model folder (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation,
-                                                    trust_remote_code=False).to(device).eval()
+        from safetensors import SafetensorError
+
+        from mi_opt.models import corrupt_weights
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation,
+                                                        trust_remote_code=False).to(device).eval()
+        except SafetensorError as err:
+            raise corrupt_weights(folder, err) from None
     sidecar = read_json(folder / SIDECAR, SCHEMA, VERSION)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):

@@ -171,6 +171,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu"
     run Python files a model folder ships (its config's auto_map); off unless the user says
     --trust-remote-code, so transformers never asks on a terminal and never runs them by default.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
@@ -190,6 +191,8 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu"
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))
     except OSError as err:
         raise MiOptError(f"could not load model {spec!r}: {err}") from err
+    except SafetensorError as err:
+        raise corrupt_weights(spec, err) from None
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
@@ -204,6 +207,12 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu"
 
     get_adapter(model)  # fail now, with the list of supported families, not mid-profile
     return model, tokenizer
+
+
+def corrupt_weights(spec: str | Path, err: Exception) -> MiOptError:
+    """The error for a .safetensors file that does not parse (truncated copy, disk error, hand edit)."""
+    return MiOptError(f"could not load model {str(spec)!r}: a .safetensors file is corrupt or truncated "
+                      f"({' '.join(str(err).split())}); copy or export the model again")
 
 
 def list_models() -> list[dict]:

@@ -7,6 +7,7 @@ interruption leaves every finished stage usable and no half-written file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -135,8 +136,6 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     out = folder.root.parent  # --out: the run folder and the shared baseline cache must stay in it
     inside(folder.root, out, "run folder")
     cache = Path(baseline_cache) if baseline_cache else inside(out / "_baseline", out, "baseline cache")
-    folder.root.mkdir(parents=True, exist_ok=True)
-    (folder.root / "recipe.yaml").write_text(recipe.to_yaml())
     ran, reused = [], []
     spec = recipe.model.name
     model, tokenizer = load_model(spec, dtype=recipe.model.dtype, device=recipe.model.device,
@@ -144,13 +143,20 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     fingerprint = model_fingerprint(model, tokenizer)  # the tokenizer makes the windows: it keys the stages too
     sections = recipe.section_dict("model", "data", "profile", "policy", "evaluate")
 
+    @functools.cache
     def windows():
         return token_windows(tokenizer, recipe.data.calibration, recipe.data.n_samples, recipe.data.seq_len,
                              split="calibration", seed=recipe.data.seed,
                              max_positions=get_adapter(model).max_positions())
 
-    # 1. profile
     profile_key = content_hash(fingerprint, sections["model"], sections["data"], sections["profile"])
+    plan_key = content_hash(profile_key, sections["policy"])
+    if not (folder.done("profile", profile_key) and folder.done("plan", plan_key)):
+        windows()  # an unreadable model or corpus fails here, before anything is written
+    folder.root.mkdir(parents=True, exist_ok=True)
+    (folder.root / "recipe.yaml").write_text(recipe.to_yaml())
+
+    # 1. profile
     if folder.done("profile", profile_key):
         profile = ImportanceProfile.load(folder.root / "profile.json")
         reused.append("profile")
@@ -165,7 +171,6 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         ran.append("profile")
 
     # 2. plan
-    plan_key = content_hash(profile_key, sections["policy"])
     if folder.done("plan", plan_key):
         plan = CompressionPlan.load(folder.root / "plan.json")
         reused.append("plan")
