@@ -60,17 +60,17 @@ CELLS = {
     # every layer lost heads: 30 one-layer sites, so fewer local steps per site
     "heads-third-local": ("heads-third", {**LOCAL, "local_steps": 30}),
     "heads-third-local+distill-localized-40": ("heads-third", {**LOCAL_DISTILL, "steps": 40, "local_steps": 30}),
+    # every weight trains, for about the wall time of drop7-local+distill-localized-40
+    "drop7-distill-all-15": ("drop7", {"method": "distill", "train": "all", "lr": 1e-4, "steps": 15}),
     "bits-mix-unhealed": ("bits-mix", None),
-    "bits-mix-distill-localized-40": ("bits-mix", {**DISTILL, "steps": 40, "lr": 1e-3}),
-    "drop7-local+distill-localized-20": ("drop7", {**LOCAL_DISTILL, "steps": 20}),
+    "bits-mix-distill-localized-20": ("bits-mix", {**DISTILL, "steps": 20, "lr": 1e-3}),
     "drop7-distill-localized-40": ("drop7", {**DISTILL, "steps": 40}),
-    "drop7-distill-all-40": ("drop7", {"method": "distill", "train": "all", "lr": 1e-4, "steps": 40}),
     "drop7-distill-lora-40": ("drop7", {"method": "distill", "train": "lora", "lr": 1e-3, "steps": 40,
                                         "lora_rank": 16, "lora_alpha": 32.0}),
     "drop7-local+distill-localized-40-self": ("drop7", {**LOCAL_DISTILL, "steps": 40, "self_generated": 0.5}),
     "drop7-local+distill-localized-120": ("drop7", {**LOCAL_DISTILL, "steps": 120}),
     "drop4-unhealed": ("drop4", None),
-    "drop4-local+distill-localized-40": ("drop4", {**LOCAL_DISTILL, "steps": 40}),
+    "drop4-local+distill-localized-20": ("drop4", {**LOCAL_DISTILL, "steps": 20}),
     "drop8-unhealed": ("drop8", None),
     "drop8-local+distill-localized-40": ("drop8", {**LOCAL_DISTILL, "steps": 40}),
 }

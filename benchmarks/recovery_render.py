@@ -84,6 +84,14 @@ def _targets(original: dict, found: dict) -> list[str]:
         wall = best["heal_record"]["cost"]["wall_time_s"]
         lines.append(f"| {plan} | {name} | {remaining:.2f}x (<= {limit}x: {'met' if remaining <= limit else 'not met'}) "
                      f"| {other} | {wall / 60:.1f} min ({'met' if wall <= 900 else 'not met'}) |")
+    local, every = found.get("drop7-local+distill-localized-40"), found.get("drop7-distill-all-15")
+    if local and every:
+        times = [c["heal_record"]["cost"]["wall_time_s"] for c in (local, every)]
+        better = local["perplexity"] <= every["perplexity"]
+        lines += ["", f"Localized against all weights at about equal wall time (drop 7): localized local+distill "
+                  f"{local['perplexity']:.2f} in {times[0]:.0f} s, all weights {every['perplexity']:.2f} in "
+                  f"{times[1]:.0f} s: target {'met' if better else 'not met'} (generative mean "
+                  f"{_generative(local):.3f} vs {_generative(every):.3f})."]
     return lines + [""]
 
 
