@@ -14,9 +14,16 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*")
+# Versions before pids were in the names left `.<name>.tmp-XXXXXXXX` and `.<name>.old-XXXXXXXX`
+# next to exports and `.<name>-XXXXXXXX` next to GGUF conversions: mkdtemp's 8 random characters
+# and no owner to ask. They are removed once older than LEGACY_AGE_S: a live older process could
+# still be writing a younger one, and no export or conversion takes an hour without touching it.
+_LEGACY_SUFFIX = r"(?:\.(?P<kind>tmp|old))?-[a-z0-9_]{8}"
+LEGACY_AGE_S = 3600
 
 
 def prefix(name: str, kind: str = "tmp") -> str:
@@ -59,8 +66,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _abandoned(entry: Path, name: str) -> str | None:
+    """"tmp" or "old" when `entry` is a temporary of output `name` that no live process owns."""
+    match = _LEFTOVER.fullmatch(entry.name)
+    if match and match["name"] == name:
+        return None if _alive(int(match["pid"])) else match["kind"]
+    legacy = re.fullmatch(rf"\.{re.escape(name)}{_LEGACY_SUFFIX}", entry.name)
+    if legacy and time.time() - entry.lstat().st_mtime > LEGACY_AGE_S:
+        return legacy["kind"] or "tmp"
+    return None
+
+
 def remove_leftovers(parent: Path, name: str) -> list[Path]:
-    """Remove temporaries of output parent/name whose owning process is gone; returns what went.
+    """Remove temporaries of output parent/name whose owning process is gone (or, from versions
+    without pids in the names, that are over an hour old); returns what went.
 
     A `.old` folder is what `export(force=True)` moved aside before renaming the new output in;
     if the kill came between the two renames it is the only copy, so it is put back instead.
@@ -69,10 +88,10 @@ def remove_leftovers(parent: Path, name: str) -> list[Path]:
     if not parent.is_dir():
         return removed
     for entry in parent.iterdir():
-        match = _LEFTOVER.fullmatch(entry.name)
-        if not match or match["name"] != name or _alive(int(match["pid"])):
+        kind = _abandoned(entry, name)
+        if kind is None:
             continue
-        if match["kind"] == "old" and not (parent / name).exists():
+        if kind == "old" and not (parent / name).exists():
             entry.rename(parent / name)
             continue
         if entry.is_dir() and not entry.is_symlink():
