@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
             shape = check_recipe(recipe, trust_task_code=args.trust_task_code)
         except MiOptError as err:
             raise MiOptError(f"{path}: {err}") from None
-        checked = f"; budget checked against its config: {shape.n_layers} layers, {shape.n_heads} heads" if shape else ""
+        checked = f"; budget checked against {shape.n_layers} layers, {shape.n_heads} heads" if shape else ""
         print(f"{path}: ok ({recipe.name}: scorer {recipe.profile.scorer}, planner {recipe.policy.planner}, "
               f"model {recipe.model.name}{checked})")
     return 0
