@@ -92,6 +92,3 @@ class HealConfig:
     def windows_needed(self) -> int:
         """Training windows one pass of distillation reads (each window is used once)."""
         return self.steps * self.batch_size * self.grad_accum if self.uses_distill else 0
-
-    def tokens(self) -> int:
-        return self.windows_needed() * self.seq_len
