@@ -1,6 +1,6 @@
 """mi-opt: compress language models by locating what matters with causal experiments.
 
-    from mi_opt import load_model, profile_ablation, make_plan, apply_, evaluate, export, run_recipe
+    from mi_opt import load_model, profile_ablation, make_plan, apply_, heal_, evaluate, export, run_recipe
 
 Names are imported on first use, so `import mi_opt` (and the CLI) starts fast.
 """
@@ -48,6 +48,8 @@ _EXPORTS = {
     "make_plan": "mi_opt.policy",
     "PLANNERS": "mi_opt.policy",
     "apply_": "mi_opt.surgery",
+    "heal_": "mi_opt.heal",
+    "HealConfig": "mi_opt.heal",
     "evaluate": "mi_opt.evaluate",
     "EvalConfig": "mi_opt.evaluate",
     "export": "mi_opt.export",

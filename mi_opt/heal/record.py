@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mi_opt import tmpfiles
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
@@ -100,10 +102,16 @@ def save_changed(model: nn.Module, names: list[str], path: Path, unhealed_finger
         else:
             tensors[n] = params[n].detach().to("cpu").contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"unhealed_fingerprint": unhealed_fingerprint,
-                                           "requantize": json.dumps(requantized)})
-    tmp.replace(path)
+    tmpfiles.remove_leftovers(path.parent, path.name)
+    tmp = path.parent / f"{tmpfiles.prefix(path.name)}write"  # owned by this process: a kill leaves no orphan
+    try:
+        save_file(tensors, str(tmp), metadata={"unhealed_fingerprint": unhealed_fingerprint,
+                                               "requantize": json.dumps(requantized)})
+        os.chmod(tmp, tmpfiles.umask_mode(0o666))  # safetensors writes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
