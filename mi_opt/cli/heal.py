@@ -44,16 +44,18 @@ def heal_config(args: argparse.Namespace):
     return build(HealConfig, options, "heal")
 
 
-def check_teacher(plan, teacher, teacher_tokenizer) -> None:
+def check_teacher(plan, teacher, teacher_tokenizer, teacher_fingerprint: str) -> None:
+    """The plan records the fingerprint of the model it was made for (with or without its tokenizer)."""
     from mi_opt.artifacts import model_fingerprint
 
     expected = plan.model.get("fingerprint")
-    if expected and expected not in {model_fingerprint(teacher), model_fingerprint(teacher, teacher_tokenizer)}:
+    if expected and expected != teacher_fingerprint and expected != model_fingerprint(teacher, teacher_tokenizer):
         raise MiOptError(f"--teacher is not the model this checkpoint was compressed from (the plan records "
                          f"{plan.model.get('spec') or '?'}, fingerprint {expected}); heal toward the original")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mi_opt.artifacts import model_fingerprint
     from mi_opt.cli.apply import sample
     from mi_opt.cli.eval import load_any
     from mi_opt.export import export
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from mi_opt.models import load_model
     from mi_opt.plan import CompressionPlan
     from mi_opt.profile.importance import ImportanceProfile
+    from mi_opt.run import content_hash
 
     config = heal_config(args)  # bad options fail before any model is loaded
     out = Path(args.out)
@@ -76,12 +79,10 @@ def run(args: argparse.Namespace) -> int:
     teacher, teacher_tokenizer = load_model(args.teacher, dtype=args.dtype, device=args.device,
                                             trust_remote_code=args.trust_remote_code)
     check_compatible(student, teacher, tokenizer, teacher_tokenizer)
-    check_teacher(plan, teacher, teacher_tokenizer)
+    teacher_fingerprint = model_fingerprint(teacher)
+    check_teacher(plan, teacher, teacher_tokenizer, teacher_fingerprint)
     # Keyed by what is healed toward what and how, so a rerun resumes only the same heal.
-    from mi_opt.artifacts import model_fingerprint
-    from mi_opt.run import content_hash
-
-    key = content_hash(model_fingerprint(student), model_fingerprint(teacher), asdict(config))
+    key = content_hash(model_fingerprint(student), teacher_fingerprint, asdict(config))
     for stale in out.parent.glob(f"{out.name}.heal-work-*"):
         if stale.name != f"{out.name}.heal-work-{key}":
             shutil.rmtree(stale, ignore_errors=True)
