@@ -76,10 +76,17 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
                   "", "```python", "from mi_opt.export import load_compressed",
                   "from transformers import AutoTokenizer",
                   "model = load_compressed(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```"]
+    if sidecar.get("adapters"):
+        lines += ["", f"The healed model's LoRA adapters ({len(sidecar['adapters']['modules'])} modules, rank "
+                  f"{sidecar['adapters']['rank']}) are kept unmerged in `{sidecar['adapters']['path']}/`, in PEFT's "
+                  "format: `load_compressed` applies them; with transformers alone the model loads without them, "
+                  f"and `model.load_adapter(PATH + '/{sidecar['adapters']['path']}')` (or "
+                  f"`peft.PeftModel.from_pretrained(model, PATH + '/{sidecar['adapters']['path']}')`) adds them."]
     lines += ["", "## Files", "",
               "- `model.safetensors`, `config.json`, tokenizer files: the checkpoint.",
               "- `plan.json`: the compression plan (budget, predicted size, planner settings).",
               "- `mi-opt-compression.json`: per-layer shapes and quantization metadata the loader reads.",
               "- `profile.json` (when present): the importance scores the plan came from.",
-              "- `heal.json` (when present): how the model was healed after compression.", ""]
+              "- `heal.json` (when present): how the model was healed after compression.",
+              "- `adapter/` (when present): LoRA adapters kept unmerged by the heal (PEFT format).", ""]
     return "\n".join(lines)

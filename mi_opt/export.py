@@ -3,7 +3,8 @@
 Layer-dropped, uniformly head-pruned and uniformly quantized models load with plain
 `AutoModelForCausalLM.from_pretrained`; per-layer head counts and mixed bit widths need
 `load_compressed`, which rebuilds the shapes from the sidecar (mi-opt-compression.json)
-before loading the weights, the way PEFT adapters are rebuilt.
+before loading the weights, the way PEFT adapters are rebuilt. LoRA adapters a heal kept
+unmerged are written beside the weights in PEFT's format (`adapter/`) and applied on load.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from mi_opt import tmpfiles
+from mi_opt.adapters import ADAPTER_DIR, load_adapters_, save_adapters, set_aside
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import read_json, versions, write_json
 from mi_opt.card import model_card
@@ -105,12 +107,17 @@ def _write_checkpoint(model: nn.Module, tmp: Path) -> dict | None:
 
 
 def _reload(tmp: Path, sidecar: dict, model: nn.Module) -> nn.Module:
+    """The checkpoint loaded the way its card says: load_compressed, or plain transformers (plus
+    peft for kept adapters)."""
     if sidecar["loader"] != "transformers":
         return load_compressed(tmp)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype, trust_remote_code=False,
-                                                attn_implementation=model.config._attn_implementation).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype, trust_remote_code=False,
+                                                    attn_implementation=model.config._attn_implementation)
+    if sidecar.get("adapters"):
+        load_adapters_(reloaded, tmp / ADAPTER_DIR)
+    return reloaded.eval()
 
 
 def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Path, profile=None,
@@ -126,11 +133,16 @@ def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Pa
     _check_model_matches_plan(model, plan)
     tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
     try:
-        quant = _write_checkpoint(model, tmp)
+        with set_aside(model) as adapters:  # the weights as before healing; kept adapters beside them
+            quant = _write_checkpoint(model, tmp)
+            shapes = describe(model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        sidecar = {"schema": SCHEMA, "version": VERSION, **describe(model), "quantization": quant,
+        sidecar = {"schema": SCHEMA, "version": VERSION, **shapes, "quantization": quant,
                    "source": plan.model, "versions": versions()}
+        if adapters:
+            sidecar["adapters"] = {"path": ADAPTER_DIR, "format": "peft-lora",
+                                   **save_adapters(model, tmp / ADAPTER_DIR)}
         reason = _head_loader(model, [tuple(h) for h in sidecar["heads"]])
         if reason is None and quant and quant.get("loader") != "transformers":
             reason = "mixed bit widths or a quantized lm_head"
@@ -235,4 +247,6 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
         model.tie_weights()  # a tied lm_head is not saved: share the loaded embedding again
     else:
         _load_weights_(model, folder)
+    if sidecar.get("adapters"):
+        load_adapters_(model, folder / sidecar["adapters"]["path"])
     return model.eval()

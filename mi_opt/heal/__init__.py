@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mi_opt.adapters import lora_layers
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.heal.config import METHODS, TRAINS, HealConfig
 from mi_opt.heal.data import training_windows
-from mi_opt.heal.lora import dequantized_stand_ins_, merge_lora_, put_back_, quantized_names, wrap_lora
+from mi_opt.heal.lora import dequantized_stand_ins_, keep_lora_, merge_lora_, put_back_, quantized_names, wrap_lora
 from mi_opt.heal.losses import forward_kl
 from mi_opt.heal.record import WEIGHTS, HealRecord, load_changed_, save_changed, settled_fingerprint
 from mi_opt.heal.sites import Block, damage_blocks
@@ -143,7 +144,9 @@ def _distill_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
             for n in names:
                 params[n].requires_grad_(True)
         report = distill_(student, trainable, teacher, windows, config, blocks, work, progress, callbacks)
-        if kind == "lora":  # no adapters in the checkpoint: it loads where it did
+        if kind == "lora" and config.adapters == "keep":  # shipped beside the weights, in PEFT's format
+            report["kept_adapters"] = keep_lora_(trainable, student, originals)
+        elif kind == "lora":  # no adapters in the checkpoint: it loads where it did
             report["requantized"] = merge_lora_(trainable, student, originals)
         else:
             put_back_(student, originals)
@@ -180,7 +183,13 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     if config.uses_local and not blocks:
         raise MiOptError("heal.method 'local' repairs removed layers and pruned heads; this plan only quantizes: "
                          "use method 'distill' (LoRA on the quantized modules)")
+    if lora_layers(student):
+        raise MiOptError("the student already carries unmerged LoRA adapters (a checkpoint healed with "
+                         "heal.adapters 'keep'): heal the checkpoint from before that heal")
     kind, names = _selection(student, config, blocks) if config.uses_distill else ("params", [])
+    if config.adapters == "keep" and kind != "lora":
+        raise MiOptError("heal.adapters 'keep' keeps LoRA adapters, but this heal trains the weights of the layers "
+                         "next to each cut: use train 'lora', or adapters 'merge'")
     device = next(student.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -213,7 +222,10 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
         finally:
             for n, p in student.named_parameters():
                 p.requires_grad_(grad_flags.get(n, False))
-        changed.update([f"{m}.weight" for m in names] if kind == "lora" else names)
+        if kind == "lora" and config.adapters == "keep":
+            changed.update(n for n, _ in student.named_parameters() if ".lora_" in n)
+        else:
+            changed.update([f"{m}.weight" for m in names] if kind == "lora" else names)
         cost["distill_s"] = round(time.perf_counter() - started, 2)
     student.eval()
 
@@ -224,7 +236,8 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     trained = {"mode": config.train if config.uses_distill else "local", "kind": kind,
                "layers": _block_layers(blocks), "changed_parameters": n_trained}
     if kind == "lora":
-        trained.update(modules=names, requantized=distill_report.get("requantized", []))
+        trained.update(modules=names, requantized=distill_report.get("requantized", []),
+                       adapters="kept" if config.adapters == "keep" else "merged")
     return HealRecord(config=asdict(config), trained=trained,
                       blocks=[{"layers": b.layers, "teacher_point": b.teacher_point, "why": b.why} for b in blocks],
                       data=data_record, local=local_report, distill=distill_report,

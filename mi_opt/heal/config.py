@@ -18,6 +18,9 @@ METHODS = ("local", "distill", "local+distill")
 # "all": every weight; "lora": LoRA adapters on every decoder linear, merged at the end;
 # "localized": only the layers next to each damaged site, which the plan (hence the profile) names.
 TRAINS = ("all", "lora", "localized")
+# What becomes of LoRA adapters at the end: folded into the weights (quantized modules quantized
+# again), or kept unmerged beside the untouched quantized weights and shipped in PEFT's format.
+ADAPTERS = ("merge", "keep")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class HealConfig:
     radius: int = 1                  # localized / local: kept layers on each side of a site that train
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    adapters: str = "merge"          # merge | keep (LoRA heals only)
     # --- local repair (method local / local+distill)
     local_steps: int = 150           # optimizer steps per site, over the cached activations
     local_lr: float = 1e-4
@@ -55,6 +59,14 @@ class HealConfig:
             raise MiOptError(f"heal.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.train not in TRAINS:
             raise MiOptError(f"heal.train must be one of {', '.join(TRAINS)}, got {self.train!r}")
+        if self.adapters not in ADAPTERS:
+            raise MiOptError(f"heal.adapters must be one of {', '.join(ADAPTERS)}, got {self.adapters!r}")
+        if self.adapters == "keep" and not self.uses_distill:
+            raise MiOptError("heal.adapters 'keep' keeps LoRA adapters, which only distillation trains: use method "
+                             "'distill' or 'local+distill', or adapters 'merge'")
+        if self.adapters == "keep" and self.train == "all":
+            raise MiOptError("heal.adapters 'keep' needs LoRA adapters; train 'all' trains the weights themselves: "
+                             "use train 'lora' (or 'localized' on a quantized plan)")
         if not 0.0 <= self.self_generated <= 1.0:
             raise MiOptError(f"heal.self_generated must be a fraction in [0, 1], got {self.self_generated}")
         for name in ("seq_len", "eval_seq_len", "steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "local_steps",

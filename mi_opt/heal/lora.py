@@ -1,22 +1,23 @@
-"""LoRA adapters for healing (through peft), and folding them back into the weights.
+"""LoRA adapters for healing (through peft), folded back into the weights or kept beside them.
 
-A healed checkpoint carries no adapters: the exported model is the same kind of checkpoint as
-before healing and loads where it loaded. Plain linears merge exactly. Quantized (bitsandbytes)
+By default (heal.adapters "merge") a healed checkpoint carries no adapters: the exported model
+is the same kind of checkpoint as before healing and loads where it loaded. Plain linears merge
+exactly. Quantized (bitsandbytes)
 modules stay frozen while their adapters train, as in QLoRA: each computes with its dequantized
 weight, held by a frozen float stand-in during training, because bitsandbytes' CPU 4-bit kernel
 has no backward (gradients would silently stop at it). At the end the stand-in's weight plus
 the adapter's update is quantized again at the module's own width and format: rounding to
 nearest can swallow an update smaller than half a quantization step, which heal.json's KL after
-healing measures.
+healing measures. heal.adapters "keep" avoids that: the quantized modules come back unchanged
+under their adapters, which the checkpoint ships in PEFT's format (mi_opt.adapters).
 """
 from __future__ import annotations
 
 from torch import nn
 
+from mi_opt.adapters import PEFT_PREFIX
 from mi_opt.arch import get_adapter
 from mi_opt.heal.config import HealConfig
-
-PEFT_PREFIX = "base_model.model."
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -87,3 +88,21 @@ def merge_lora_(wrapped: nn.Module, student: nn.Module, originals: dict[str, nn.
         for name, weight in requantize.items():
             requantize_(student, name, weight, like=originals[name])
     return sorted(requantize)
+
+
+def keep_lora_(wrapped: nn.Module, student: nn.Module, originals: dict[str, nn.Module] | None = None) -> list[str]:
+    """Leave the adapters in `student` unmerged, each on its module as it was before training
+    (a quantized module instead of its float stand-in); drop the PeftModel wrapper. Returns the
+    names of the modules that keep adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    originals = dict(originals or {})
+    kept = []
+    for name, module in wrapped.named_modules():
+        if isinstance(module, LoraLayer):
+            name = name.removeprefix(PEFT_PREFIX)
+            if name in originals:
+                module.base_layer = originals.pop(name)
+            kept.append(name)
+    put_back_(student, originals)  # quantized modules without adapters
+    return sorted(kept)

@@ -40,9 +40,14 @@ class HealRecord(JsonArtifact):
         c, cost, kl, data, trained = self.config, self.cost, self.kl_to_teacher, self.data, self.trained
         near = f"the layers next to each damaged site (student layers {trained.get('layers')})"
         if trained["kind"] == "lora":
-            merged = ("merged into the weights; quantized modules quantized again at their own width and format"
-                      if trained.get("requantized") else "merged into the weights")
-            what = f"LoRA adapters of rank {c['lora_rank']} on {len(trained.get('modules', []))} modules, {merged}"
+            if trained.get("adapters") == "kept":
+                how = ("kept unmerged in `adapter/` (PEFT format) on top of the unchanged weights; "
+                       "`load_compressed` or `PeftModel.from_pretrained(model, 'adapter')` applies them")
+            elif trained.get("requantized"):
+                how = "merged into the weights; quantized modules quantized again at their own width and format"
+            else:
+                how = "merged into the weights"
+            what = f"LoRA adapters of rank {c['lora_rank']} on {len(trained.get('modules', []))} modules, {how}"
         else:
             what = {"localized": near, "local": near, "all": "every weight"}[trained["mode"]]
         lines = [f"Method `{c['method']}`: trained {what} ({trained.get('changed_parameters', 0):,} parameters).",
@@ -88,6 +93,7 @@ def save_changed(model: nn.Module, names: list[str], path: Path, unhealed_finger
     because two plans can leave models of identical shapes (drop layer 1 or layer 2)."""
     from safetensors.torch import save_file
 
+    from mi_opt.adapters import adapter_settings
     from mi_opt.heal.lora import is_quantized
 
     params = dict(model.named_parameters())
@@ -106,7 +112,8 @@ def save_changed(model: nn.Module, names: list[str], path: Path, unhealed_finger
     tmp = path.parent / f"{tmpfiles.prefix(path.name)}write"  # owned by this process: a kill leaves no orphan
     try:
         save_file(tensors, str(tmp), metadata={"unhealed_fingerprint": unhealed_fingerprint,
-                                               "requantize": json.dumps(requantized)})
+                                               "requantize": json.dumps(requantized),
+                                               "adapters": json.dumps(adapter_settings(model))})
         os.chmod(tmp, tmpfiles.umask_mode(0o666))  # safetensors writes 0600
         os.replace(tmp, path)
     except BaseException:
@@ -130,6 +137,11 @@ def load_changed_(model: nn.Module, path: Path) -> nn.Module:
         raise MiOptError(f"{path} holds weights healed from another compressed model (another plan or source); "
                          "rerun the heal stage")
     requantized = set(json.loads(meta.get("requantize", "[]")))
+    adapters = json.loads(meta.get("adapters", "{}"))
+    if adapters:  # healed with heal.adapters "keep": the adapters' values follow
+        from mi_opt.adapters import inject_adapters_
+
+        inject_adapters_(model, adapters)
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]
     wrong = [n for n, t in tensors.items() if n in params and n not in requantized and params[n].shape != t.shape]

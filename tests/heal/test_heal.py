@@ -159,6 +159,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(tokenizer):
     ({"lr": 0.0}, "heal.lr"), ({"self_generated": 1.5}, "heal.self_generated"),
     ({"method": "local", "train": "lora"}, "heal.train 'lora'"), ({"schedule": "cyclic"}, "heal.schedule"),
     ({"radius": 0}, "heal.radius"), ({"warmup_steps": 5}, "heal.warmup_steps"),
+    ({"adapters": "fold"}, "heal.adapters"), ({"adapters": "keep", "train": "all"}, "heal.adapters 'keep'"),
+    ({"adapters": "keep", "method": "local"}, "heal.adapters 'keep'"),
 ])
 def test_bad_heal_options_name_the_key(options, message):
     with pytest.raises(MiOptError, match=message):

@@ -54,6 +54,28 @@ def test_a_run_heals_evaluates_before_and_after_and_exports_the_healed_model(tin
     assert again.stages_run == [] and {"heal", "eval_healed", "export"} <= set(again.stages_reused)
 
 
+
+def test_a_run_that_keeps_the_adapters_ships_them_and_a_rerun_puts_them_back(tiny_folder, tmp_path):
+    from mi_opt.export import load_compressed
+
+    heal = {**HEAL, "method": "distill", "train": "lora", "adapters": "keep"}
+    result = run(_recipe(tiny_folder, heal=heal), tmp_path / "k", progress=False)
+    assert "heal" in result.stages_run
+    checkpoint = tmp_path / "k" / "checkpoint"
+    assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+    reloaded = load_compressed(checkpoint)
+    assert sorted(n for n, _ in reloaded.named_parameters() if ".lora_" in n) \
+        == sorted(json.loads((tmp_path / "k" / "heal.json").read_text())["changed"])
+    # other evaluation settings: the heal is reused and its kept adapters are put back on the model
+    recipe = _recipe(tiny_folder, heal=heal)
+    recipe.evaluate.ppl_samples = 3
+    again = run(recipe, tmp_path / "k", progress=False)
+    assert "heal" in again.stages_reused and "eval_healed" in again.stages_run
+    measured = {name: json.loads((tmp_path / "k" / f"eval_{name}.json").read_text())["perplexity"]["perplexity"]
+                for name in ("compressed", "healed")}
+    assert measured["healed"] != measured["compressed"]
+
+
 def test_a_crash_after_healing_reuses_the_healed_weights(tiny_folder, tmp_path, monkeypatch):
     reference = run(_recipe(tiny_folder), tmp_path / "a", progress=False)
     want = json.loads((reference.folder / "eval_healed.json").read_text())["perplexity"]["perplexity"]
