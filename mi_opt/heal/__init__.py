@@ -8,6 +8,7 @@ stays plain), or every weight.
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import shutil
 import tempfile
@@ -161,6 +162,51 @@ def _distill_phase(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
             shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _restored_on_failure(student: nn.Module, names: list[str]):
+    """A heal that fails or is interrupted part-way leaves the student as it came, not half
+    trained (adapters are removed by _distill_phase itself; their base weights never change)."""
+    params = dict(student.named_parameters())
+    saved = {n: params[n].detach().to("cpu", copy=True) for n in dict.fromkeys(names)}  # off the accelerator
+    grad_flags = {n: p.requires_grad for n, p in params.items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+        raise
+    finally:
+        for n, p in student.named_parameters():
+            p.requires_grad_(grad_flags.get(n, False))
+
+
+def _train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, config: HealConfig, blocks: list[Block],
+           selection: tuple[str, list[str]], work_dir, progress: bool, callbacks, cost: dict):
+    """Local repair and/or distillation; returns their reports and the parameter names changed."""
+    from mi_opt.heal.local import local_repair_
+
+    kind, names = selection
+    local_report: list[dict] = []
+    distill_report: dict = {}
+    changed: set[str] = set()
+    if config.uses_local:
+        started = time.perf_counter()
+        local_report = local_repair_(student, teacher, blocks, windows[:config.local_windows], config, progress)
+        changed.update(_layer_params(student, _block_layers(blocks)))
+        cost["local_s"] = round(time.perf_counter() - started, 2)
+    if config.uses_distill:
+        started = time.perf_counter()
+        distill_report = _distill_phase(student, teacher, windows[:config.windows_needed()], config, blocks,
+                                        selection, work_dir, progress, callbacks)
+        if kind == "lora" and config.adapters == "keep":
+            changed.update(n for n, _ in student.named_parameters() if ".lora_" in n)
+        else:
+            changed.update([f"{m}.weight" for m in names] if kind == "lora" else names)
+        cost["distill_s"] = round(time.perf_counter() - started, 2)
+    return local_report, distill_report, changed
+
+
 def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config: HealConfig | None = None,
           tokenizer=None, work_dir: str | Path | None = None, progress: bool = True,
           callbacks: list | None = None) -> HealRecord:
@@ -169,8 +215,6 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     plan: the plan that made the student (it says where the damage is). work_dir: where
     distillation keeps resumable checkpoints; a rerun with the same work_dir resumes.
     """
-    from mi_opt.heal.local import local_repair_
-
     config = config or HealConfig()
     if tokenizer is None:
         raise MiOptError("heal_ needs the tokenizer to read its training text")
@@ -194,7 +238,6 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cost: dict = {}
-    grad_flags = {n: p.requires_grad for n, p in student.named_parameters()}
     unhealed = settled_fingerprint(student)
 
     started = time.perf_counter()
@@ -205,28 +248,11 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     probe = windows[:PROBE_WINDOWS]
     kl_before = kl_to_teacher(student, teacher, probe)
 
-    local_report: list[dict] = []
-    changed: set[str] = set()
-    if config.uses_local:
-        started = time.perf_counter()
-        local_report = local_repair_(student, teacher, blocks, windows[:config.local_windows], config, progress)
-        changed.update(_layer_params(student, _block_layers(blocks)))
-        cost["local_s"] = round(time.perf_counter() - started, 2)
-
-    distill_report: dict = {}
-    if config.uses_distill:
-        started = time.perf_counter()
-        try:
-            distill_report = _distill_phase(student, teacher, windows[:config.windows_needed()], config, blocks,
-                                            (kind, names), work_dir, progress, callbacks)
-        finally:
-            for n, p in student.named_parameters():
-                p.requires_grad_(grad_flags.get(n, False))
-        if kind == "lora" and config.adapters == "keep":
-            changed.update(n for n, _ in student.named_parameters() if ".lora_" in n)
-        else:
-            changed.update([f"{m}.weight" for m in names] if kind == "lora" else names)
-        cost["distill_s"] = round(time.perf_counter() - started, 2)
+    touched = (_layer_params(student, _block_layers(blocks)) if config.uses_local else []) \
+        + (names if kind == "params" else [])
+    with _restored_on_failure(student, touched):
+        local_report, distill_report, changed = _train(student, teacher, windows, config, blocks, (kind, names),
+                                                       work_dir, progress, callbacks, cost)
     student.eval()
 
     kl_after = kl_to_teacher(student, teacher, probe)

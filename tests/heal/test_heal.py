@@ -105,9 +105,14 @@ def test_a_killed_heal_resumes_to_the_same_weights(train, tokenizer, tmp_path):
     heal_(whole, teacher, plan, config, tokenizer, work_dir=tmp_path / "a", progress=False)
 
     killed, teacher, plan = _pair()
+    before = {n: p.clone() for n, p in killed.named_parameters()}
     with pytest.raises(KeyboardInterrupt):
         heal_(killed, teacher, plan, config, tokenizer, work_dir=tmp_path / "b", progress=False,
               callbacks=[_KillAt(3)])
+    # interrupted in-process: the model is as it came (no adapters, no half-trained weights)
+    assert {n: p for n, p in killed.named_parameters()}.keys() == before.keys()
+    assert all(torch.equal(p, before[n]) and p.requires_grad == before[n].requires_grad
+               for n, p in killed.named_parameters())
     assert last_complete_checkpoint(tmp_path / "b").name == "checkpoint-2"
     resumed, teacher, plan = _pair()
     record = heal_(resumed, teacher, plan, config, tokenizer, work_dir=tmp_path / "b", progress=False)
