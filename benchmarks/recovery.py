@@ -42,9 +42,10 @@ LOCAL = {"method": "local", "local_steps": 100, "local_windows": 32}
 DISTILL = {"method": "distill", "train": "localized", "lr": 3e-4}
 
 # plan name -> how to make it. Layer plans come from block influence (the default scorer) on
-# 8 x 128 calibration tokens; the head and bits plans are the shipped recipes' committed plans.
+# 8 x 128 calibration tokens, or from exact causal ablation (KL) of every layer, the best
+# 4-layer plan of the scorer benchmark (reports/scorers.md); the head and bits plans are the shipped recipes' committed plans.
 PLANS = {
-    "drop4": {"n_drop": 4}, "drop7": {"n_drop": 7}, "drop8": {"n_drop": 8},
+    "drop4": {"n_drop": 4}, "drop4-causal": {"n_drop": 4, "scorer": "ablation", "metric": "kl"}, "drop6": {"n_drop": 6}, "drop7": {"n_drop": 7}, "drop8": {"n_drop": 8},
     "heads-third": "reports/recipes/prune-third-heads/plan.json",
     "bits-mix": "reports/recipes/bits-4-8-mix/plan.json",
 }
@@ -64,6 +65,8 @@ CELLS = {
     "drop7-distill-all-15": ("drop7", {"method": "distill", "train": "all", "lr": 1e-4, "steps": 15}),
     "bits-mix-unhealed": ("bits-mix", None),
     "bits-mix-distill-localized-20": ("bits-mix", {**DISTILL, "steps": 20, "lr": 1e-3}),
+    # the same adapters kept unmerged: no second rounding of the quantized weights
+    "bits-mix-distill-localized-20-keep": ("bits-mix", {**DISTILL, "steps": 20, "lr": 1e-3, "adapters": "keep"}),
     "drop7-distill-all-40": ("drop7", {"method": "distill", "train": "all", "lr": 1e-4, "steps": 40}),
     "drop7-distill-lora-40": ("drop7", {"method": "distill", "train": "lora", "lr": 1e-3, "steps": 40,
                                         "lora_rank": 16, "lora_alpha": 32.0}),
@@ -75,6 +78,10 @@ CELLS = {
     "drop4-local+distill-localized-20": ("drop4", {**LOCAL_DISTILL, "steps": 20}),
     "drop8-unhealed": ("drop8", None),
     "drop8-local+distill-localized-40": ("drop8", {**LOCAL_DISTILL, "steps": 40}),
+    "drop4-causal-unhealed": ("drop4-causal", None),
+    "drop4-causal-local+distill-localized-20": ("drop4-causal", {**LOCAL_DISTILL, "steps": 20}),
+    "drop6-unhealed": ("drop6", None),
+    "drop6-local+distill-localized-40": ("drop6", {**LOCAL_DISTILL, "steps": 40}),
 }
 
 
@@ -101,9 +108,12 @@ def measure(model, tokenizer) -> dict:
 
 
 def make_layer_plan(model, tokenizer, options: dict) -> CompressionPlan:
-    scorer = SCORERS.get("block_influence")
+    options = dict(options)
+    name = options.pop("scorer", "block_influence")
+    scorer = SCORERS.get(name)
+    scorer_options = {"batch_size": 4, **({"unit_kinds": ["layer"]} if name == "ablation" else {})}
     windows = token_windows(tokenizer, "handbook", 8, 128, split="calibration")
-    profile = scorer(model, windows, scorer.make_config({"batch_size": 4}), progress=False,
+    profile = scorer(model, windows, scorer.make_config(scorer_options), progress=False,
                      calibration={"source": "handbook", "split": "calibration", "seed": 0}, model_spec="smollm2-135m")
     return make_plan(profile, "layer-skip", {**options, "protect_first": 1, "protect_last": 1}, model=model)
 
