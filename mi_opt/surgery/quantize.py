@@ -9,7 +9,7 @@ Rules that are decisions, not accidents:
   4-bit embedding cannot be reloaded by transformers. Asking for it is an error.
 - A tied lm_head (it *is* the embedding matrix, as in SmolLM2) stays 16-bit: quantizing it would
   quantize the embedding too. Call `untie_lm_head_(model)` first to quantize a separate copy.
-- Linears a family stores otherwise (GPT-2 Conv1D) are converted to the equivalent nn.Linear
+- Linears a family stores otherwise (GPT-2 keeps weights as [in, out]) are converted to the equivalent nn.Linear
   first (`ArchAdapter.as_linear`).
 
 The CPU trap (bitsandbytes 0.50.2, CPUs with AVX512-BF16): the first Linear4bit forward on CPU
@@ -178,7 +178,7 @@ def quantize_(model: nn.Module, bits: dict[str, int], quant_type: str = "nf4",
     for name, width in targets.items():
         original = model.get_submodule(name)
         q = quantized_linear(_as_linear(model, original), width, quant_type, int8_threshold)
-        q.source_cls = type(original)  # the attribute transformers sets too: tells a Conv1D origin apart
+        q.source_cls = type(original)  # the attribute transformers sets too: tells a converted origin apart
         model.set_submodule(name, q)
     return targets
 
@@ -304,7 +304,7 @@ def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | N
         return None  # transformers keeps lm_head full precision; a quantized one needs mi-opt's loader
     modules = {n: model.get_submodule(n) for n in mods}
     if not adapter.transformers_reloads_quantized:
-        return None  # e.g. converted GPT-2 Conv1D: not a layout transformers promises to reload
+        return None  # e.g. converted GPT-2 projections: not a layout transformers promises to reload
     bits, quant_type = next(iter(mods.values()))
     skip = hf_skip_modules(model, set(mods))
     if bits == 8:
