@@ -57,7 +57,7 @@ def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
 
 def _probe_ids(model: nn.Module) -> torch.Tensor:
     vocab = model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
+    device = get_adapter(model).input_device()
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
 
 

@@ -16,7 +16,8 @@ Module keys (what a plan's `bits` quantizes; `parse_module_key`):
 
 Every key starts with its layer (`layer_of`), so code that only needs "which layer" never
 parses a key itself. A new unit kind (e.g. MLP neuron groups, `L12.mlp.N0-63`) is one more
-row in `_UNIT_SUFFIXES` plus its case in `Unit.key`; nothing else reads key strings.
+row in `_UNIT_SUFFIXES` (and, for a range, a second index field on `Unit`); nothing else
+reads key strings.
 
 This module also holds the plan vocabularies that several packages check against.
 """
@@ -38,9 +39,11 @@ BIT_WIDTHS = (4, 8, 16)
 HEAD_MODES = ("uniform", "free")
 QUANT_TYPES = ("nf4", "fp4")
 
-# unit kind -> the pattern of its key after "L<n>"; the pattern's group is the index.
-_UNIT_SUFFIXES = {"layer": r"", "attn": r"\.attn", "mlp": r"\.mlp", "head": r"\.H(\d+)", "kv_group": r"\.KV(\d+)"}
-_UNIT_PATTERNS = {kind: re.compile(rf"^L(\d+){suffix}$") for kind, suffix in _UNIT_SUFFIXES.items()}
+# unit kind -> (how its key continues after "L<n>", the pattern that reads it back; the
+# pattern's group is the index). One row per kind: formatting and parsing cannot drift apart.
+_UNIT_SUFFIXES = {"layer": ("", r""), "attn": (".attn", r"\.attn"), "mlp": (".mlp", r"\.mlp"),
+                  "head": (".H{index}", r"\.H(\d+)"), "kv_group": (".KV{index}", r"\.KV(\d+)")}
+_UNIT_PATTERNS = {kind: re.compile(rf"^L(\d+){pattern}$") for kind, (_, pattern) in _UNIT_SUFFIXES.items()}
 _MODULE_PATTERN = re.compile(r"^L(\d+)(?:\.([A-Za-z_][\w.]*))?$")
 _LAYER_PREFIX = re.compile(r"^L(\d+)(?:\.|$)")
 
@@ -63,9 +66,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        suffix = {"layer": "", "attn": ".attn", "mlp": ".mlp", "head": f".H{self.index}",
-                  "kv_group": f".KV{self.index}"}[self.kind]
-        return f"L{self.layer}{suffix}"
+        return f"L{self.layer}" + _UNIT_SUFFIXES[self.kind][0].format(index=self.index)
 
     def __str__(self) -> str:
         return self.key

@@ -68,7 +68,9 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
+    from mi_opt.arch import get_adapter
+
+    ids = ids.to(get_adapter(model).input_device())
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

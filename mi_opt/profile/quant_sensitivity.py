@@ -118,7 +118,7 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
     loaded = as_loaded(model, model_spec)
     model, adapter = loaded.model, loaded.adapter
     units = quant_units(adapter, granularity)
-    batches = calibration_batches(windows, batch_size, next(model.parameters()).device)
+    batches = calibration_batches(windows, batch_size, adapter.input_device())
     started = time.perf_counter()
     originals = {n: model.get_submodule(n) for names in units.values() for n in names}
     quantized = {(key, w): {n: quantized_linear(adapter.as_linear(originals[n]), w, quant_type, int8_threshold)
