@@ -63,9 +63,9 @@ class ModelInfo:
 
     def summary(self, spec: str | None = None) -> dict:
         """The model record of profiles and sensitivity files (spec: how this artifact names it)."""
-        return {"spec": spec if spec is not None else self.spec, "fingerprint": self.fingerprint, "model_type": self.model_type,
-                "family": self.family, "n_layers": self.n_layers, "heads": self.heads, "kv_heads": self.kv_heads,
-                "parameters": self.parameters}
+        return {"spec": spec if spec is not None else self.spec, "fingerprint": self.fingerprint,
+                "model_type": self.model_type, "family": self.family, "n_layers": self.n_layers,
+                "heads": self.heads, "kv_heads": self.kv_heads, "parameters": self.parameters}
 
 
     def evaluated(self, spec: str | None = None) -> dict:

@@ -145,7 +145,9 @@ def empty_bnb_module(linear: nn.Module, width: int, quant_type: str,
     return q
 
 
-def quantized_linear(linear: nn.Linear, width: int, quant_type: str, int8_threshold: float = INT8_THRESHOLD) -> nn.Module:
+def quantized_linear(linear: nn.Linear, width: int, quant_type: str,
+                     int8_threshold: float = INT8_THRESHOLD) -> nn.Module:
+    """A new bnb module holding `linear` quantized to `width` (the linear itself is left as it was)."""
     bnb = _bnb()
     q = empty_bnb_module(linear, width, quant_type, int8_threshold)
     device = linear.weight.device
