@@ -96,7 +96,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object = None
     spec: str | None = None
-    _info: ModelInfo | None = field(default=None, repr=False)
+    _info: ModelInfo | None = field(default=None, init=False, repr=False)
 
     @cached_property
     def adapter(self) -> ArchAdapter:
