@@ -67,7 +67,8 @@ def parse_options(cls: type, options: Any, what: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise MiOptError(f"unknown {what} option(s) {unknown}; valid: {', '.join(sorted(fields))}")
+        raise MiOptError(f"unknown {what} option(s) {unknown}: there is no option of that name; "
+                         f"valid: {', '.join(sorted(fields))}")
     options = dict(options)
     if isinstance(options.get("unit_kinds"), str):  # "layer,head" from a CLI flag
         options["unit_kinds"] = tuple(k.strip() for k in options["unit_kinds"].split(","))
