@@ -35,7 +35,7 @@ from mi_opt.models import load_model
 from mi_opt.plan import INT8_THRESHOLD
 from mi_opt.policy import make_plan
 from mi_opt.policy.bits import BitsConfig, allocate_bits, allocation_size
-from mi_opt.policy.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
+from mi_opt.profile.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                              unit_sizes)
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
 from mi_opt.surgery.quantize import quantize_

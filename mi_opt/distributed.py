@@ -28,8 +28,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mi_opt.arch import get_adapter
-from mi_opt.artifacts import model_fingerprint, read_json, write_json
+from mi_opt.artifacts import read_json, write_json
 from mi_opt.errors import MiOptError
+from mi_opt.handle import as_loaded
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.units import enumerate_units, parse_unit
@@ -136,14 +137,15 @@ def load_shard(path: Path, key: str) -> ImportanceProfile | None:
 
 def _run_shards(model, windows, config, shard_dir, mine, n_shards, calibration, model_spec, progress):
     """Compute (or reuse) this rank's shards; returns one report per shard."""
-    fingerprint = model_fingerprint(model)
+    loaded = as_loaded(model, model_spec)  # one fingerprint for every shard's key and profile
+    fingerprint = loaded.fingerprint
     reports = []
     for index, units in tqdm(mine, desc="shards", unit="shard", disable=not progress):
         key = shard_key(fingerprint, windows, calibration, config, units)
         path = shard_path(shard_dir, index, n_shards, key)
         profile, reused = load_shard(path, key), True
         if profile is None:
-            profile, reused = profile_ablation(model, windows, config, calibration=calibration,
+            profile, reused = profile_ablation(loaded, windows, config, calibration=calibration,
                                                model_spec=model_spec, progress=progress, units=units), False
             write_json(path, {"schema": SHARD_SCHEMA, "version": SHARD_VERSION, "key": key, "index": index,
                               "n_shards": n_shards, "units": units, "profile": profile.to_dict()})

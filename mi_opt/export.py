@@ -22,7 +22,9 @@ from mi_opt.arch import get_adapter
 from mi_opt.artifacts import read_json, versions, write_json
 from mi_opt.card import model_card
 from mi_opt.errors import MiOptError
+from mi_opt.handle import LoadedModel, ModelInfo, bare
 from mi_opt.plan import CompressionPlan
+from mi_opt.units import in_layers
 
 SIDECAR = "mi-opt-compression.json"
 SCHEMA = "mi-opt/compression"
@@ -36,23 +38,12 @@ def _quantized_modules(model: nn.Module) -> bool:
 
 def _head_loader(model: nn.Module, heads: list[tuple[int, int]]) -> str | None:
     """Why plain transformers cannot rebuild these head shapes, or None if it can."""
-    adapter = get_adapter(model)
-    cfg = model.config.get_text_config()
-    if adapter.family == "gpt2":
-        return None if all(h == cfg.n_head for h, _ in heads) else "GPT-2 configs derive head_dim from n_head"
-    if any((h, kv) != (cfg.num_attention_heads, cfg.num_key_value_heads) for h, kv in heads):
-        return "different head counts per layer"
-    return None
+    return get_adapter(model).head_shapes_unloadable(heads)
 
 
 def describe(model: nn.Module) -> dict:
     """The shapes a loader must rebuild: layers and (query, KV) heads per layer."""
-    adapter = get_adapter(model)
-    geo = [adapter.heads(i) for i in range(adapter.n_layers())]
-    return {"family": adapter.family, "model_type": model.config.model_type, "n_layers": adapter.n_layers(),
-            "heads": [[g.n_heads, g.n_kv_heads] for g in geo], "head_dim": geo[0].head_dim,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return ModelInfo.of(model, fingerprint="unhashed").shape()  # a shape needs no hash of the weights
 
 
 def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
@@ -61,15 +52,14 @@ def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
     if n0 is not None and n != n0 - len(plan.drop_layers):
         raise MiOptError(f"the model has {n} layers but the plan leaves {n0 - len(plan.drop_layers)}: "
                          "export the model returned by apply_(model, plan)")
-    kept_bits = [b for k, b in plan.bits.items()
-                 if not (k.startswith("L") and k[1:].split(".")[0].isdigit() and int(k[1:].split(".")[0]) in plan.drop_layers)]
+    kept_bits = [b for k, b in plan.bits.items() if not in_layers(k, plan.drop_layers)]
     if any(b < 16 for b in kept_bits) and not _quantized_modules(model):
         raise MiOptError("the plan quantizes modules but the model has no quantized modules: run apply_ first")
 
 
 def _probe_ids(model: nn.Module) -> torch.Tensor:
     vocab = model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
+    device = get_adapter(model).input_device()
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
 
 
@@ -120,11 +110,13 @@ def _reload(tmp: Path, sidecar: dict, model: nn.Module) -> nn.Module:
     return reloaded.eval()
 
 
-def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Path, profile=None,
+def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out_dir: str | Path, profile=None,
            eval_results: dict | None = None, force: bool = False, heal=None) -> Path:
-    """Write the compressed `model` to out_dir atomically, verified by a reload; returns out_dir.
+    """Write the compressed `model` (bare or a handle) to out_dir atomically, verified by a reload;
+    returns out_dir.
 
     heal: the HealRecord when the model was healed after compression (shipped as heal.json)."""
+    model = bare(model)
     out = Path(out_dir)
     if out.exists() and not force:
         raise MiOptError(f"{out} already exists; choose another folder or pass force=True (--force) to replace it")

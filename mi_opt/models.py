@@ -209,6 +209,15 @@ def load_model(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu"
     return model, tokenizer
 
 
+def load(spec: str, dtype: str | torch.dtype = "fp32", device: str = "cpu", max_memory: dict | None = None,
+         trust_remote_code: bool = False):
+    """`load_model` as one handle (mi_opt.handle.LoadedModel): model, tokenizer, adapter, info."""
+    from mi_opt.handle import LoadedModel
+
+    model, tokenizer = load_model(spec, dtype, device, max_memory, trust_remote_code)
+    return LoadedModel(model, tokenizer, spec)
+
+
 def corrupt_weights(spec: str | Path, err: Exception) -> MiOptError:
     """The error for a .safetensors file that does not parse (truncated copy, disk error, hand edit)."""
     return MiOptError(f"could not load model {str(spec)!r}: a .safetensors file is corrupt or truncated "

@@ -9,11 +9,10 @@ from dataclasses import asdict, dataclass, field
 
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
+from mi_opt.units import BIT_WIDTHS, HEAD_MODES, QUANT_TYPES
 
 SCHEMA = "mi-opt/compression-plan"
 VERSION = 1
-HEAD_MODES = ("uniform", "free")
-BIT_WIDTHS = (4, 8, 16)
 
 # LLM.int8()'s outlier threshold (Dettmers et al., 2022; transformers' default): input columns
 # with any |activation| > 6 are multiplied in 16-bit, the rest in int8. On SmolLM2 with every
@@ -61,7 +60,7 @@ class CompressionPlan(JsonArtifact):
         bad = {k: b for k, b in self.bits.items() if b not in BIT_WIDTHS}
         if bad:
             raise MiOptError(f"bit widths must be in {BIT_WIDTHS}; got {bad}")
-        if self.quant_type not in ("nf4", "fp4"):
+        if self.quant_type not in QUANT_TYPES:
             raise MiOptError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
         self.int8_threshold = check_int8_threshold(self.int8_threshold)
 

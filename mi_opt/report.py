@@ -12,7 +12,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from mi_opt.artifacts import atomic_write_bytes  # noqa: E402
 from mi_opt.plan import CompressionPlan  # noqa: E402
-from mi_opt.units import parse_unit  # noqa: E402
+from mi_opt.units import key_order, layer_of  # noqa: E402
 
 BIT_COLORS = {16: "#4c956c", 8: "#f2c14e", 4: "#f78154"}
 
@@ -21,8 +21,8 @@ def layer_bits(plan: CompressionPlan, n_layers: int) -> list[int]:
     """The narrowest width applied to any module of each layer (16 = untouched)."""
     bits = [16] * n_layers
     for key, width in plan.bits.items():
-        if key.startswith("L"):
-            layer = parse_unit(key.split(".")[0]).layer
+        layer = layer_of(key)
+        if layer is not None:
             bits[layer] = min(bits[layer], width)
     return bits
 
@@ -65,17 +65,12 @@ def plan_summary(plan: CompressionPlan, n_layers: int) -> list[str]:
         for key, b in quantized.items():
             by_width.setdefault(b, []).append(key)
         fmt = {4: plan.quant_type, 8: f"int8, outlier threshold {plan.int8_threshold}"}
-        lines += [f"{b}-bit ({fmt[b]}): {', '.join(sorted(keys, key=_key_order))}."
+        lines += [f"{b}-bit ({fmt[b]}): {', '.join(sorted(keys, key=key_order))}."
                   for b, keys in sorted(by_width.items())]
     predicted = plan.predicted
     if predicted.get("parameters") and predicted.get("parameters_before"):
         lines.append(f"Predicted parameters: {predicted['parameters_before']:,} -> {predicted['parameters']:,}.")
     return lines or ["The plan removes nothing."]
-
-
-def _key_order(key: str):
-    head = key.split(".")[0]
-    return (parse_unit(head).layer, key) if head.startswith("L") else (-1, key)
 
 
 def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval, healed=None) -> Path:

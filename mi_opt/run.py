@@ -123,10 +123,9 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     trust_remote_code / trust_task_code: the user's --trust-* flags (models.py, evaluate/tasks.py);
     they are arguments, not recipe keys, because a recipe is a file someone else may have written.
     """
-    from mi_opt.arch import get_adapter
     from mi_opt.data import token_windows
     from mi_opt.evaluate import EvalResult, evaluate
-    from mi_opt.models import load_model
+    from mi_opt.models import load
     from mi_opt.plan import CompressionPlan
     from mi_opt.policy import make_plan
     from mi_opt.profile.importance import ImportanceProfile
@@ -138,8 +137,10 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     cache = Path(baseline_cache) if baseline_cache else inside(out / "_baseline", out, "baseline cache")
     ran, reused = [], []
     spec = recipe.model.name
-    model, tokenizer = load_model(spec, dtype=recipe.model.dtype, device=recipe.model.device,
-                                  trust_remote_code=trust_remote_code)
+    # One handle for every stage: the adapter and the model's description are derived once
+    # (and again only after apply_ or heal edit the model in place).
+    loaded = load(spec, dtype=recipe.model.dtype, device=recipe.model.device, trust_remote_code=trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
     fingerprint = model_fingerprint(model, tokenizer)  # the tokenizer makes the windows: it keys the stages too
     sections = recipe.section_dict("model", "data", "profile", "policy", "evaluate")
 
@@ -147,7 +148,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     def windows():
         return token_windows(tokenizer, recipe.data.calibration, recipe.data.n_samples, recipe.data.seq_len,
                              split="calibration", seed=recipe.data.seed,
-                             max_positions=get_adapter(model).max_positions())
+                             max_positions=loaded.adapter.max_positions())
 
     profile_key = content_hash(fingerprint, sections["model"], sections["data"], sections["profile"])
     plan_key = content_hash(profile_key, sections["policy"])
@@ -165,7 +166,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         _log(f"profiling with scorer {recipe.profile.scorer!r}")
         scorer = SCORERS.get(recipe.profile.scorer)
         calibration = {"source": recipe.data.calibration, "split": "calibration", "seed": recipe.data.seed}
-        profile = scorer(model, windows(), scorer.make_config(recipe.profile.options), calibration=calibration,
+        profile = scorer(loaded, windows(), scorer.make_config(recipe.profile.options), calibration=calibration,
                          model_spec=spec, progress=progress)
         folder.mark("profile", profile_key, _write_profile(profile, folder.root))
         ran.append("profile")
@@ -177,7 +178,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     else:
         folder.forget("plan")
         _log(f"planning with planner {recipe.policy.planner!r}")
-        plan = make_plan(profile, recipe.policy.planner, recipe.policy.options, model=model, windows=windows(),
+        plan = make_plan(profile, recipe.policy.planner, recipe.policy.options, model=loaded, windows=windows(),
                          progress=progress)
         plan.save(folder.root / "plan.json")
         folder.mark("plan", plan_key, ["plan.json"])
@@ -191,7 +192,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         reused.append("eval_original")
     else:
         _log("evaluating the original model")
-        base_eval = evaluate(model, tokenizer, recipe.evaluate, spec=spec, progress=progress,
+        base_eval = evaluate(loaded, tokenizer, recipe.evaluate, spec=spec, progress=progress,
                              trust_task_code=trust_task_code)
         base_eval.save(base_path)
         ran.append("eval_original")
@@ -212,7 +213,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         from mi_opt.surgery import apply_
 
         _log("applying the plan")
-        apply_(model, plan)
+        apply_(loaded, plan)
 
     def evaluated(stage: str, key: str, label: str, tag: str) -> EvalResult:
         """The stage's result: reused when its key matches, else the in-memory model measured now."""
@@ -222,7 +223,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
             return EvalResult.load(path)
         folder.forget(stage)
         _log(f"evaluating the {label} model")
-        result = evaluate(model, tokenizer, recipe.evaluate, spec=f"{spec} [{tag}]",
+        result = evaluate(loaded, tokenizer, recipe.evaluate, spec=f"{spec} [{tag}]",
                           progress=progress, trust_task_code=trust_task_code)
         result.save(path)
         folder.mark(stage, key, [path.name])
@@ -234,6 +235,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     if recipe.heal:
         record = _heal_stage(folder, heal_key, model, tokenizer, recipe, plan, need_healed, ran, reused, progress,
                              trust_remote_code)
+        loaded.changed()  # healed weights: the compressed model's description is stale
         healed = (evaluated("eval_healed", healed_key, "healed", f"{recipe.name}, healed"), record)
     else:
         _remove_heal_work(folder.root)

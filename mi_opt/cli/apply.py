@@ -37,9 +37,11 @@ def run(args: argparse.Namespace) -> int:
         raise MiOptError(f"--profile {args.profile} does not exist")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
                                   trust_remote_code=args.trust_remote_code)
-    before = sum(p.numel() for p in model.parameters())
+    from mi_opt.handle import parameter_count
+
+    before = parameter_count(model)
     apply_(model, plan)
-    after = sum(p.numel() for p in model.parameters())
+    after = parameter_count(model)  # a packed 4-bit weight counts as the weights it holds
     export(model, tokenizer, plan, out, profile=profile, force=args.force)
     print(f"exported: {out}  (parameters {before:,} -> {after:,}, {after / before:.1%})")
     print(f"load with: {'AutoModelForCausalLM.from_pretrained' if _plain(out) else 'mi_opt.export.load_compressed'}"
@@ -66,7 +68,9 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
+    from mi_opt.arch import get_adapter
+
+    ids = ids.to(get_adapter(model).input_device())
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -11,13 +11,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mi_opt.arch import get_adapter
-from mi_opt.artifacts import model_fingerprint
 from mi_opt.evaluate.config import DEFAULT_TASKS, PARTS, EvalConfig, SpeedConfig
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.evaluate.result import EvalResult
 from mi_opt.evaluate.speed import measure_speed
 from mi_opt.evaluate.tasks import local_tasks, resolve_tasks, run_tasks
+from mi_opt.handle import LoadedModel, as_loaded
 
 __all__ = ["evaluate", "EvalConfig", "SpeedConfig", "EvalResult", "DEFAULT_TASKS", "PARTS", "local_tasks"]
 
@@ -34,16 +33,7 @@ def _threads(n: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _model_info(model: nn.Module, spec: str | None) -> dict:
-    adapter = get_adapter(model)
-    dtype = next(model.parameters()).dtype
-    return {"spec": spec, "fingerprint": model_fingerprint(model), "model_type": model.config.model_type,
-            "family": adapter.family, "n_layers": adapter.n_layers(),
-            "heads": adapter.heads_per_layer(),
-            "dtype": str(dtype).replace("torch.", "")}
-
-
-def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec: str | None = None,
+def evaluate(model: nn.Module | LoadedModel, tokenizer, config: EvalConfig | None = None, spec: str | None = None,
              folder: str | Path | None = None, progress: bool = True, trust_task_code: bool = False) -> EvalResult:
     """Measure `model` as configured; the model is used in memory and left unchanged.
 
@@ -52,6 +42,8 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec
     user's --trust-task-code, never a recipe's (evaluate/tasks.py).
     """
     config = config or EvalConfig()
+    loaded = as_loaded(model)
+    model = loaded.model
     model.eval()
     device = config.device
     # A misspelled task should fail now, not after minutes of perplexity.
@@ -59,7 +51,7 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec
     with _threads(config.threads) as threads:
         settings = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as eval.json holds them
         settings["threads"] = threads
-        result = EvalResult(model=_model_info(model, spec), settings=settings)
+        result = EvalResult(model=loaded.info.evaluated(spec), settings=settings)
         if "perplexity" in config.parts:
             started = time.perf_counter()
             result.perplexity = perplexity(model, tokenizer, config.text_source, config.ppl_samples,

@@ -21,7 +21,7 @@ from mi_opt.heal.config import HealConfig
 from mi_opt.heal.losses import relative_mse, residual_taps
 from mi_opt.heal.sites import Block
 from mi_opt.hooks import attached
-from mi_opt.profile.ablation import LayerInputs, run_layers
+from mi_opt.profile.engine import LayerInputs, run_layers
 
 
 def _teacher_targets(teacher: nn.Module, batches: list[torch.Tensor], points: list[int]) -> list[dict]:
@@ -43,9 +43,7 @@ def _record_inputs(student: nn.Module, batches: list[torch.Tensor],
     recorded = []
     with torch.no_grad():
         for ids in batches:
-            inputs = LayerInputs(adapter)
-            with attached(inputs.hooks()):
-                adapter.decoder()(ids, use_cache=False)
+            inputs = LayerInputs.record(adapter, ids)
             hidden = inputs.hidden[first]
             inputs.hidden = [None] * len(inputs.hidden)  # the extras are all that replays need
             recorded.append((hidden, inputs))

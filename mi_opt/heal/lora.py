@@ -32,7 +32,7 @@ def quantized_names(model: nn.Module) -> list[str]:
 
 def wrap_lora(student: nn.Module, modules: list[str], config: HealConfig) -> nn.Module:
     """The student with LoRA adapters on `modules` (full names); only the adapters train.
-    peft picks the weight layout per module (GPT-2's Conv1D stores [in, out])."""
+    peft picks the weight layout per module (GPT-2 stores [in, out])."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=modules, lora_dropout=0.0,

@@ -76,9 +76,10 @@ def settled_fingerprint(model: nn.Module) -> str:
     """The model's fingerprint after one tiny forward. bitsandbytes' CPU 4-bit modules repack their
     weights (absmax rounded to bf16) at the first forward, which changes their saved state: the
     heal and a later run that loads its weights must fingerprint the model in the same state."""
+    from mi_opt.arch import get_adapter
     from mi_opt.artifacts import model_fingerprint
 
-    device = next(model.parameters()).device
+    device = get_adapter(model).input_device()
     with torch.inference_mode():
         model(torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
     return model_fingerprint(model)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mi_opt.artifacts import model_fingerprint
 from mi_opt.errors import MiOptError
+from mi_opt.handle import LoadedModel, as_loaded
 from mi_opt.plan import CompressionPlan
 from mi_opt.policy.base import PLANNERS, PlanContext, Planner, parse_config
 from mi_opt.policy.cost import ModelCost
@@ -33,29 +33,32 @@ for _name in ("layer_skip", "head_prune", "combined", "bits"):
 __all__ = ["PLANNERS", "Planner", "PlanContext", "make_plan"]
 
 
-def _model_for(profile: ImportanceProfile, model: nn.Module | None) -> nn.Module:
+def _model_for(profile: ImportanceProfile, model: nn.Module | LoadedModel | None) -> LoadedModel:
     if model is None:
         spec = profile.model.get("spec")
         if not spec:
             raise MiOptError("make_plan needs the model to count parameters, and the profile records no "
                              "model spec: pass model=")
-        from mi_opt.models import load_model
+        from mi_opt.models import load
 
-        model, _ = load_model(spec)
+        model = load(spec)
+    loaded = as_loaded(model)
     expected = profile.model.get("fingerprint")
-    if expected and expected != model_fingerprint(model):
+    if expected and expected != loaded.fingerprint:
         raise MiOptError(f"the profile was measured on model fingerprint {expected}, but the given model's is "
-                         f"{model_fingerprint(model)}: plan with the model the profile scored")
-    return model
+                         f"{loaded.fingerprint}: plan with the model the profile scored")
+    return loaded
 
 
-def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None, model: nn.Module | None = None,
-              windows: torch.Tensor | None = None, progress: bool = True) -> CompressionPlan:
-    """Run one registered planner. `model` (loaded from the profile's spec when None) is only read."""
+def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None,
+              model: nn.Module | LoadedModel | None = None, windows: torch.Tensor | None = None,
+              progress: bool = True) -> CompressionPlan:
+    """Run one registered planner. `model` (a bare model or a handle; loaded from the profile's
+    spec when None) is only read."""
     planner = PLANNERS.get(planner_name)
     cfg = parse_config(planner.config_cls, config)
     check_profile(profile)  # NaN scores sort arbitrarily: a plan from them would drop layers at random
-    model = _model_for(profile, model)
+    model = _model_for(profile, model).model
     ctx = PlanContext(model=model, cost=ModelCost.from_model(model), windows=windows, progress=progress)
     plan = planner.fn(profile, cfg, ctx)
     check_leaves_a_model(plan, ctx.cost)

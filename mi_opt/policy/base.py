@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mi_opt.errors import MiOptError
+from mi_opt.options import parse_options
 from mi_opt.plan import CompressionPlan
 from mi_opt.policy.cost import ModelCost
 from mi_opt.profile.importance import METRICS, ImportanceProfile
@@ -38,18 +39,8 @@ PLANNERS: Registry[Planner] = Registry("planner")
 
 
 def parse_config(cls: type, config: Any) -> Any:
-    """A planner config from None (defaults), a dict (unknown keys rejected) or an instance."""
-    if config is None:
-        return cls()
-    if isinstance(config, cls):
-        return config
-    if not isinstance(config, dict):
-        raise MiOptError(f"planner config must be a dict or {cls.__name__}, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-        raise MiOptError(f"unknown {cls.__name__} option(s) {unknown}; valid: {', '.join(sorted(names))}")
-    return cls(**config)
+    """A planner config from None (defaults), a dict (unknown keys and wrong types rejected) or an instance."""
+    return parse_options(cls, config, cls.__name__)
 
 
 def check_metric(metric: str) -> None:

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.plan import INT8_THRESHOLD, CompressionPlan, check_int8_threshold
 from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric
-from mi_opt.policy.quant_sensitivity import GRANULARITIES, QuantSensitivity, measure_quant_sensitivity
+from mi_opt.profile.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
+                                              unit_sizes)
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.surgery.quantize import QUANT_TYPES, is_tied
-from mi_opt.units import parse_unit
+from mi_opt.units import BIT_WIDTHS, QUANT_TYPES, layer_of, parse_unit
 
 SCORES = ("sensitivity", "importance")
 # importance mode: damage of a unit at width w = importance * 4^-(w-4), the scaling of the
@@ -45,7 +46,7 @@ _NOISE = {4: 1.0, 8: 4.0 ** -4, 16: 0.0}
 
 @dataclass
 class BitsConfig:
-    widths: tuple[int, ...] = (4, 8, 16)   # candidate widths per unit (subset of 4, 8, 16)
+    widths: tuple[int, ...] = BIT_WIDTHS   # candidate widths per unit (subset of 4, 8, 16)
     avg_bits: float | None = None          # budget: mean bits per weight over the decoder linears, or
     max_bytes: int | None = None           # ... their total bytes (4/8-bit scales included; 16 = bf16)
     granularity: str | None = None         # "module": a width per linear; "layer": one per layer.
@@ -61,8 +62,8 @@ class BitsConfig:
 
     def __post_init__(self):
         self.widths = tuple(sorted(set(int(w) for w in self.widths)))
-        if not self.widths or any(w not in (4, 8, 16) for w in self.widths):
-            raise MiOptError(f"widths must be a non-empty subset of (4, 8, 16), got {self.widths}")
+        if not self.widths or any(w not in BIT_WIDTHS for w in self.widths):
+            raise MiOptError(f"widths must be a non-empty subset of {BIT_WIDTHS}, got {self.widths}")
         if (self.avg_bits is None) == (self.max_bytes is None):
             raise MiOptError("bits planner needs exactly one budget: avg_bits or max_bytes")
         if self.avg_bits is not None and not 0 < self.avg_bits <= 16:
@@ -81,7 +82,7 @@ class BitsConfig:
         self.int8_threshold = check_int8_threshold(self.int8_threshold)
         if self.score == "importance" and self.granularity != "layer":
             raise MiOptError("score='importance' uses layer ablation scores: use granularity='layer'")
-        if self.lm_head_bits not in (4, 8, 16):
+        if self.lm_head_bits not in BIT_WIDTHS:
             raise MiOptError(f"lm_head_bits must be 4, 8 or 16, got {self.lm_head_bits}")
         if self.batch_size < 1 or self.resolution < 10:
             raise MiOptError("batch_size must be >= 1 and resolution >= 10")
@@ -175,14 +176,14 @@ def allocate_bits(damage: dict[str, dict[int, float]], sizes: dict[str, dict], c
 
 def _importance_damage(profile: ImportanceProfile, sens_units: list[str], config: BitsConfig) -> dict:
     layer_scores = {parse_unit(k).layer: profile.score(k, config.metric) for k in profile.units("layer")}
-    missing = [k for k in sens_units if int(k[1:].split(".")[0]) not in layer_scores]
+    missing = [k for k in sens_units if layer_of(k) not in layer_scores]
     if missing:
         raise MiOptError(f"score='importance' needs layer scores; the profile lacks {missing[:3]}")
-    return {k: {w: max(layer_scores[int(k[1:])], 0.0) * _NOISE[w] for w in (4, 8)} for k in sens_units}
+    return {k: {w: max(layer_scores[layer_of(k)], 0.0) * _NOISE[w] for w in (4, 8)} for k in sens_units}
 
 
 def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) -> CompressionPlan:
-    if config.lm_head_bits < 16 and is_tied(ctx.model):
+    if config.lm_head_bits < 16 and get_adapter(ctx.model).is_tied():
         raise MiOptError("lm_head_bits < 16 but this model ties lm_head to the embeddings; keep lm_head_bits=16 "
                          "(or untie it with mi_opt.surgery.quantize.untie_lm_head_ before planning)")
     if config.sensitivity:
@@ -208,9 +209,6 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
     else:
         sens = None
     if config.score == "importance":
-        from mi_opt.policy.quant_sensitivity import quant_units, unit_sizes
-        from mi_opt.arch import get_adapter
-
         units = quant_units(get_adapter(ctx.model), "layer")
         sizes = unit_sizes(ctx.model, units)
         damage = _importance_damage(profile, list(units), config)

@@ -13,7 +13,7 @@ from mi_opt.policy.base import PLANNERS, PlanContext, Planner, parse_config
 from mi_opt.policy.head_prune import HeadPruneConfig, choose_heads
 from mi_opt.policy.layer_skip import LayerSkipConfig, plan_layer_skip
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.units import parse_unit
+from mi_opt.units import in_layers
 
 
 @dataclass
@@ -42,8 +42,7 @@ def merge_bits(plan: CompressionPlan, bits_plan: CompressionPlan) -> None:
     mixed-width model depend on the quantization backend's formats.
     """
     dropped = set(plan.drop_layers)
-    plan.bits = {k: b for k, b in bits_plan.bits.items()
-                 if k in ("embed", "lm_head") or parse_unit(k.split(".")[0]).layer not in dropped}
+    plan.bits = {k: b for k, b in bits_plan.bits.items() if not in_layers(k, dropped)}
     plan.quant_type = bits_plan.quant_type
     plan.int8_threshold = bits_plan.int8_threshold
     plan.predicted["bits"] = bits_plan.predicted

@@ -28,19 +28,11 @@ class ModelCost:
         params = list(model.parameters())
         layer_params, geometry, per_q, per_kv = [], [], [], []
         for i, layer in enumerate(adapter.layers()):
-            geo = adapter.heads(i)
-            attn = adapter.attention(layer)
-            hd = geo.head_dim
             layer_params.append(sum(p.numel() for p in layer.parameters()))
-            geometry.append(geo)
-            if adapter.family == "gpt2":
-                hidden = attn.c_attn.weight.shape[0]
-                per_q.append(hd * hidden + hd + hd * attn.c_proj.weight.shape[1])
-                per_kv.append(2 * (hd * hidden + hd))
-            else:
-                q, k, o = attn.q_proj, attn.k_proj, attn.o_proj
-                per_q.append(hd * q.in_features + (hd if q.bias is not None else 0) + hd * o.out_features)
-                per_kv.append(2 * (hd * k.in_features + (hd if k.bias is not None else 0)))
+            geometry.append(adapter.heads(i))
+            q, kv = adapter.head_params(i)
+            per_q.append(q)
+            per_kv.append(kv)
         return cls(parameters=sum(p.numel() for p in params),
                    bytes_per_param=params[0].element_size() if params else 4.0,
                    layer_params=tuple(layer_params), geometry=tuple(geometry),

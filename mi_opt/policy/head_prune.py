@@ -17,9 +17,8 @@ from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
 from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, rescore_options, unit_scores
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.units import parse_unit
+from mi_opt.units import HEAD_MODES, parse_unit
 
-MODES = ("uniform", "free")
 
 
 @dataclass
@@ -39,8 +38,8 @@ class HeadPruneConfig:
             raise MiOptError(f"fraction must be in [0, 1), got {self.fraction}")
         if self.n_heads is not None and self.n_heads < 0:
             raise MiOptError(f"n_heads must be >= 0, got {self.n_heads}")
-        if self.mode not in MODES:
-            raise MiOptError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in HEAD_MODES:
+            raise MiOptError(f"mode must be one of {HEAD_MODES}, got {self.mode!r}")
         if self.mode == "uniform" and self.protect_layers:
             raise MiOptError("protect_layers needs mode 'free': uniform mode prunes every layer alike")
         check_metric(self.metric)

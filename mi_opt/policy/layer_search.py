@@ -30,7 +30,7 @@ from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.profile.cost import measured_forward_equivalents
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.units import parse_unit
+from mi_opt.units import Unit, parse_unit
 
 
 @dataclass
@@ -55,16 +55,11 @@ def rescore(model, alive: list[int], only: list[int] | None, windows: torch.Tens
             metric: str, work: _Work) -> tuple[dict[int, float], float | None]:
     """Scores of the layers of `model` (whose layer j is original layer alive[j]) in original
     numbering, and the model's calibration loss where the scorer measures it."""
-    from mi_opt.profile.ablation import AblationConfig, profile_ablation
     from mi_opt.profile.scorers import run_scorer
 
     started = time.perf_counter()
-    if scorer == "ablation":
-        units = None if only is None else [f"L{alive.index(i)}" for i in only]
-        profile = profile_ablation(model, windows, AblationConfig(unit_kinds=("layer",), **options),
-                                   units=units, progress=False)
-    else:
-        profile = run_scorer(scorer, model, windows, {"unit_kinds": ("layer",), **options}, progress=False)
+    units = None if only is None else [Unit(alive.index(i), "layer").key for i in only]
+    profile = run_scorer(scorer, model, windows, {"unit_kinds": ("layer",), **options}, progress=False, units=units)
     work.add(profile, started)
     scores = {alive[parse_unit(k).layer]: profile.score(k, metric) for k in profile.units("layer")}
     if only is not None:

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mi_opt.arch import ArchAdapter, get_adapter
+from mi_opt.arch import ArchAdapter
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import Hook, attached
-from mi_opt.profile.ablation import _summarize, collect_means, input_device, model_summary
+from mi_opt.handle import as_loaded, model_summary
+from mi_opt.profile.engine import calibration_batches, collect_means, summarize
 from mi_opt.profile.finite import check_base_loss, check_batches
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, MeanActivations
@@ -170,11 +171,11 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
                         progress: bool = True) -> ImportanceProfile:
     """Estimate every unit's ablation effect on `windows` (n_samples x seq_len) by attribution patching."""
     config = config or AttributionConfig()
-    adapter = get_adapter(model)
+    loaded = as_loaded(model, model_spec)
+    model, adapter = loaded.model, loaded.adapter
     units = enumerate_units(adapter, config.unit_kinds)
     kinds = {u.kind for u in units}
-    device = input_device(model, adapter)
-    batches = [windows[i:i + config.batch_size].to(device) for i in range(0, len(windows), config.batch_size)]
+    batches = calibration_batches(windows, config.batch_size, adapter.input_device())
     generator = None  # made on the logits' device, which differs from the input's under dispatch
     started = time.perf_counter()
     with torch.inference_mode():
@@ -219,11 +220,11 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
     if means is not None:
         cost["mean_pass_forwards"] = len(batches)
     return ImportanceProfile(
-        model=model_summary(model, adapter, model_spec),
+        model=model_summary(loaded, adapter, model_spec),
         method={"scorer": "attribution", **asdict(config), "first_order": True, "notes": NOTES,
                 "metrics": {"delta_loss": "first-order estimate of the increase of mean next-token NLL (nats)",
                             "kl": "Hutchinson estimate of the second-order KL(clean || ablated) (nats)"},
                 "score_meaning": "estimated delta_loss of ablating the unit; higher = more important"},
         calibration={**(calibration or {}), "n_samples": len(windows), "seq_len": windows.shape[1],
                      "n_batches": len(batches)},
-        base_loss=sum(base_losses) / len(base_losses), scores=_summarize(per_batch), cost=cost)
+        base_loss=sum(base_losses) / len(base_losses), scores=summarize(per_batch), cost=cost)

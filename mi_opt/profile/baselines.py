@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from mi_opt.arch import ArchAdapter, get_adapter
 from mi_opt.errors import MiOptError
-from mi_opt.hooks import Hook, attached
-from mi_opt.profile.ablation import _mean_and_se, input_device, model_summary
+from mi_opt.handle import as_loaded, model_summary
+from mi_opt.profile.engine import LayerInputs, calibration_batches, mean_and_se
 from mi_opt.profile.importance import ImportanceProfile, UnitScore
 from mi_opt.units import KINDS, Unit, enumerate_units
 
@@ -93,26 +93,13 @@ class RandomConfig:
 # --- the residual stream at layer boundaries ---------------------------------------
 def _boundaries(adapter: ArchAdapter, ids: torch.Tensor) -> list[torch.Tensor]:
     """The residual stream entering each layer, then the last layer's output (before the final norm)."""
-    layers = adapter.layers()
-    states: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-
-    def entering(i):
-        def fn(module, args, kwargs):
-            states[i] = args[0] if args else kwargs["hidden_states"]
-        return fn
-
-    def leaving(module, args, output):
-        states[-1] = output[0] if isinstance(output, tuple) else output
-
-    hooks = [Hook(layer, entering(i), kind="forward_pre", with_kwargs=True) for i, layer in enumerate(layers)]
-    with torch.inference_mode(), attached(hooks + [Hook(layers[-1], leaving)]):
-        adapter.decoder()(ids, use_cache=False)  # no lm_head: these scorers never need logits
-    return states
+    with torch.inference_mode():
+        inputs = LayerInputs.record(adapter, ids)  # no lm_head: these scorers never need logits
+    return [*inputs.hidden, inputs.final]
 
 
 def _batches(model, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    device = input_device(model, get_adapter(model))
-    return [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+    return calibration_batches(windows, batch_size, get_adapter(model).input_device())
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -134,7 +121,7 @@ def _profile(model, adapter, spec, method: dict, calibration: dict | None, score
 
 def _score(values: list[float] | float) -> UnitScore:
     """The same score in both metric fields, so a planner ranks by it whatever metric it reads."""
-    mean, se = _mean_and_se(values) if isinstance(values, list) else (float(values), None)
+    mean, se = mean_and_se(values) if isinstance(values, list) else (float(values), None)
     return UnitScore(delta_loss=mean, delta_loss_se=se, kl=mean, kl_se=se)
 
 
@@ -143,7 +130,8 @@ def profile_block_influence(model, windows: torch.Tensor, config: BlockInfluence
                             calibration: dict | None = None, model_spec: str | None = None,
                             progress: bool = True) -> ImportanceProfile:
     config = config or BlockInfluenceConfig()
-    adapter = get_adapter(model)
+    loaded = as_loaded(model, model_spec)
+    model, adapter = loaded.model, loaded.adapter
     batches = _batches(model, windows, config.batch_size)
     per_batch: list[list[float]] = [[] for _ in range(adapter.n_layers())]
     started = time.perf_counter()
@@ -157,7 +145,7 @@ def profile_block_influence(model, windows: torch.Tensor, config: BlockInfluence
               "score_meaning": "1 - cosine similarity of the layer's input and output hidden states, mean over "
                                "tokens (ShortGPT); higher = the layer changes its input more = more important"}
     scores = {Unit(i, "layer").key: _score(v) for i, v in enumerate(per_batch)}
-    return _profile(model, adapter, model_spec, method, calibration, scores, cost, windows, config.batch_size)
+    return _profile(loaded, adapter, model_spec, method, calibration, scores, cost, windows, config.batch_size)
 
 
 def angular_distances(model, windows: torch.Tensor, n: int, batch_size: int = 4,
@@ -181,7 +169,7 @@ def best_block(model, windows: torch.Tensor, n: int, batch_size: int = 4, progre
 
     Returns (first layer of the block, its mean angular distance); drop layers start .. start+n-1.
     """
-    means = [_mean_and_se(v)[0] for v in angular_distances(model, windows, n, batch_size, progress)]
+    means = [mean_and_se(v)[0] for v in angular_distances(model, windows, n, batch_size, progress)]
     start = min(range(len(means)), key=means.__getitem__)
     return start, means[start]
 
@@ -190,7 +178,8 @@ def profile_angular_distance(model, windows: torch.Tensor, config: AngularDistan
                              calibration: dict | None = None, model_spec: str | None = None,
                              progress: bool = True) -> ImportanceProfile:
     config = config or AngularDistanceConfig()
-    adapter = get_adapter(model)
+    loaded = as_loaded(model, model_spec)
+    model, adapter = loaded.model, loaded.adapter
     started = time.perf_counter()
     per_batch = angular_distances(model, windows, 1, config.batch_size, progress)
     cost = {"wall_time_s": round(time.perf_counter() - started, 3), "n_units": adapter.n_layers(),
@@ -199,34 +188,23 @@ def profile_angular_distance(model, windows: torch.Tensor, config: AngularDistan
               "score_meaning": "arccos(cos(layer input, layer output)) / pi at the last token, mean over windows "
                                "(Gromov et al., n = 1); higher = more important"}
     scores = {Unit(i, "layer").key: _score(v) for i, v in enumerate(per_batch)}
-    return _profile(model, adapter, model_spec, method, calibration, scores, cost, windows, config.batch_size)
+    return _profile(loaded, adapter, model_spec, method, calibration, scores, cost, windows, config.batch_size)
 
 
 # --- weight magnitude and random ---------------------------------------------------
-def _q_and_o(adapter: ArchAdapter, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query weights as out x in, head-output projection weights as out x in) of one layer."""
-    layer = adapter.layers()[layer_index]
-    attn = adapter.attention(layer)
-    o = adapter.head_output_proj(layer).weight
-    if adapter.family == "gpt2":  # Conv1D stores (in, out); c_attn's outputs are q | k | v
-        hidden = o.shape[1]
-        return attn.c_attn.weight[:, :hidden].T, o.T
-    return attn.q_proj.weight, o
-
-
 def _head_weights(adapter: ArchAdapter, unit: Unit) -> list[torch.Tensor]:
     geo = adapter.heads(unit.layer)
-    q, o = _q_and_o(adapter, unit.layer)
+    q, o = adapter.head_projections(unit.layer)
     heads = [unit.index] if unit.kind == "head" else range(unit.index * geo.group_size,
                                                            (unit.index + 1) * geo.group_size)
     parts = []
     for h in heads:
         cols = slice(h * geo.head_dim, (h + 1) * geo.head_dim)
         parts += [q[cols], o[:, cols]]
-    if unit.kind == "kv_group":  # only where KV heads are shared, so never GPT-2's fused c_attn
-        attn = adapter.attention(adapter.layers()[unit.layer])
+    if unit.kind == "kv_group":
+        k, v = adapter.kv_projections(unit.layer)
         rows = slice(unit.index * geo.head_dim, (unit.index + 1) * geo.head_dim)
-        parts += [attn.k_proj.weight[rows], attn.v_proj.weight[rows]]
+        parts += [k[rows], v[rows]]
     return parts
 
 
@@ -249,7 +227,8 @@ def profile_weight_magnitude(model, windows: torch.Tensor | None = None, config:
                              progress: bool = True) -> ImportanceProfile:
     """Data-free: `windows` is accepted for a common signature and ignored."""
     config = config or WeightMagnitudeConfig()
-    adapter = get_adapter(model)
+    loaded = as_loaded(model, model_spec)
+    model, adapter = loaded.model, loaded.adapter
     started = time.perf_counter()
     units = enumerate_units(adapter, config.unit_kinds)
     scores = {u.key: _score(weight_norm(_unit_weights(adapter, u), config.norm))
@@ -260,7 +239,7 @@ def profile_weight_magnitude(model, windows: torch.Tensor | None = None, config:
               "score_meaning": f"{config.norm.upper()} norm of the unit's weights (heads: q rows and output-"
                                "projection columns; KV groups: also k, v rows; attn/mlp/layer: all linear "
                                "weights; biases excluded); higher = more important"}
-    return _profile(model, adapter, model_spec, method, calibration, scores, cost)
+    return _profile(loaded, adapter, model_spec, method, calibration, scores, cost)
 
 
 def profile_random(model, windows: torch.Tensor | None = None, config: RandomConfig | None = None,
@@ -268,11 +247,12 @@ def profile_random(model, windows: torch.Tensor | None = None, config: RandomCon
                    progress: bool = True) -> ImportanceProfile:
     """Seeded uniform scores in [0, 1): the floor any real importance signal must beat."""
     config = config or RandomConfig()
-    adapter = get_adapter(model)
+    loaded = as_loaded(model, model_spec)
+    model, adapter = loaded.model, loaded.adapter
     units = enumerate_units(adapter, config.unit_kinds)
     values = torch.rand(len(units), generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64)
     scores = {u.key: _score(v.item()) for u, v in zip(units, values)}
     method = {"scorer": "random", **asdict(config),
               "score_meaning": "uniform random number in [0, 1) from the seed; no information"}
     cost = {"wall_time_s": 0.0, "forwards": 0, "backwards": 0, "n_units": len(units)}
-    return _profile(model, adapter, model_spec, method, calibration, scores, cost)
+    return _profile(loaded, adapter, model_spec, method, calibration, scores, cost)

@@ -3,7 +3,7 @@
 Each unit is ablated where its contribution enters the residual stream:
   layer      the block's output is replaced by its input (+ the mean residual update for mean)
   attn, mlp  the sublayer's output is replaced by zeros or its mean
-  head, KV   the head's slice of the head-output projection's input (o_proj / c_proj) is
+  head, KV   the head's slice of the head-output projection's input (the adapter's head_output_proj) is
              replaced by zeros or its mean; a KV group ablates all heads that read it.
 `rows` restricts an intervention to a slice of the batch, so several ablations can share
 one forward pass.

@@ -10,39 +10,14 @@ A group whose query heads all go loses its K/V rows too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import gcd
 from typing import Iterable
 
-import torch
 from torch import nn
 
-from mi_opt.arch import ArchAdapter, HeadGeometry, get_adapter
+from mi_opt.arch import ArchAdapter, HeadGeometry, HeadLayout, get_adapter
 from mi_opt.errors import MiOptError
-
-MODES = ("uniform", "free")
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """What one attention layer keeps, in the numbering of the layer before pruning."""
-
-    keep_heads: tuple[int, ...]   # query heads kept, in order
-    kv_sources: tuple[int, ...]   # for each new KV head, the old KV head whose rows it copies
-    head_dim: int
-
-    @property
-    def n_heads(self) -> int:
-        return len(self.keep_heads)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return len(self.kv_sources)
-
-    @property
-    def group_size(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
+from mi_opt.units import HEAD_MODES
 
 def head_layout(geo: HeadGeometry, pruned: Iterable[int]) -> HeadLayout:
     """The layout left after deleting query heads `pruned` from a layer of geometry `geo`."""
@@ -64,71 +39,9 @@ def head_layout(geo: HeadGeometry, pruned: Iterable[int]) -> HeadLayout:
     return HeadLayout(keep_heads=keep, kv_sources=kv_sources, head_dim=geo.head_dim)
 
 
-def _unit_rows(units: Iterable[int], width: int, offset: int = 0) -> torch.Tensor:
-    return torch.cat([torch.arange(offset + u * width, offset + (u + 1) * width) for u in units])
-
-
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
-
-
-def _slice_linear(lin: nn.Linear, out_rows: torch.Tensor | None = None, in_cols: torch.Tensor | None = None) -> None:
-    if not isinstance(lin, nn.Linear) or type(lin).__module__.startswith("bitsandbytes"):
-        raise MiOptError(f"cannot prune heads of a {type(lin).__name__}: prune heads before quantizing")
-    w = lin.weight.data
-    if out_rows is not None:
-        w = w[out_rows.to(w.device)]
-        if lin.bias is not None:
-            _set_param(lin, "bias", lin.bias.data[out_rows.to(w.device)])
-        lin.out_features = w.shape[0]
-    if in_cols is not None:
-        w = w[:, in_cols.to(w.device)]
-        lin.in_features = w.shape[1]
-    _set_param(lin, "weight", w)
-
-
-def _apply_llama_like(attn: nn.Module, layout: HeadLayout) -> None:
-    hd = layout.head_dim
-    q_rows = _unit_rows(layout.keep_heads, hd)
-    kv_rows = _unit_rows(layout.kv_sources, hd)
-    _slice_linear(attn.q_proj, out_rows=q_rows)
-    _slice_linear(attn.k_proj, out_rows=kv_rows)
-    _slice_linear(attn.v_proj, out_rows=kv_rows)
-    _slice_linear(attn.o_proj, in_cols=q_rows)
-    # Eager and sdpa attention read num_key_value_groups for repeat_kv / GQA; older or other
-    # attention classes keep num_heads / num_key_value_heads: update whichever exist.
-    attn.num_key_value_groups = layout.group_size
-    for name, value in (("num_heads", layout.n_heads), ("num_key_value_heads", layout.n_kv_heads),
-                        ("num_attention_heads", layout.n_heads)):
-        if hasattr(attn, name):
-            setattr(attn, name, value)
-
-
-def _apply_gpt2(attn: nn.Module, layout: HeadLayout) -> None:
-    hd, width = layout.head_dim, attn.split_size
-    keep = layout.keep_heads
-    # c_attn is a Conv1D with weight (in, 3*width): columns [q | k | v], each head-major.
-    cols = torch.cat([_unit_rows(keep, hd, offset) for offset in (0, width, 2 * width)])
-    c_attn, c_proj = attn.c_attn, attn.c_proj
-    _set_param(c_attn, "weight", c_attn.weight.data[:, cols.to(c_attn.weight.device)])
-    _set_param(c_attn, "bias", c_attn.bias.data[cols.to(c_attn.bias.device)])
-    c_attn.nf = len(cols)
-    _set_param(c_proj, "weight", c_proj.weight.data[_unit_rows(keep, hd).to(c_proj.weight.device)])
-    c_proj.nx = c_proj.weight.shape[0]
-    attn.split_size = len(keep) * hd
-    attn.num_heads = len(keep)
-
-
 def apply_layout_(adapter: ArchAdapter, layer_index: int, layout: HeadLayout) -> None:
     """Reshape one layer's attention to `layout` (weights are sliced/copied accordingly)."""
-    attn = adapter.attention(adapter.layers()[layer_index])
-    if adapter.family == "gpt2":
-        if layout.kv_sources != layout.keep_heads:
-            raise MiOptError("GPT-2 has one KV head per query head; its layout cannot regroup heads")
-        _apply_gpt2(attn, layout)
-    else:
-        _apply_llama_like(attn, layout)
+    adapter.reshape_heads_(layer_index, layout)
 
 
 def plan_layouts(model: nn.Module, prune: dict[int, list[int]], mode: str,
@@ -137,8 +50,8 @@ def plan_layouts(model: nn.Module, prune: dict[int, list[int]], mode: str,
 
     `ignore_layers` are about to be deleted: the uniform check skips them.
     """
-    if mode not in MODES:
-        raise MiOptError(f"head mode must be one of {MODES}, got {mode!r}")
+    if mode not in HEAD_MODES:
+        raise MiOptError(f"head mode must be one of {HEAD_MODES}, got {mode!r}")
     adapter = get_adapter(model)
     n = adapter.n_layers()
     bad = sorted(i for i in prune if not 0 <= i < n)
@@ -172,17 +85,10 @@ def prune_heads_(model: nn.Module, prune: dict[int, list[int]], mode: str = "fre
     for i, layout in layouts.items():
         apply_layout_(adapter, i, layout)
     if layouts:
-        cfg = model.config.get_text_config()
-        if adapter.family != "gpt2":
-            # hidden_size / num_heads no longer gives head_dim, so keep it explicit in the config.
-            cfg.head_dim = next(iter(layouts.values())).head_dim
         ignore = set(ignore_layers)
         shapes = {(adapter.heads(i).n_heads, adapter.heads(i).n_kv_heads)
                   for i in range(adapter.n_layers()) if i not in ignore}
-        if len(shapes) == 1 and adapter.family != "gpt2":
-            # Every layer has the same shape (always so in uniform mode): the config's single head
-            # count can say it, so plain transformers can load the result.
-            cfg.num_attention_heads, cfg.num_key_value_heads = shapes.pop()
+        adapter.record_head_shapes_(next(iter(layouts.values())).head_dim, shapes)
     return layouts
 
 
@@ -202,6 +108,4 @@ def reshape_heads_(model: nn.Module, shapes: list[tuple[int, int]]) -> None:
         if n_heads > geo.n_heads or n_heads % n_kv:
             raise MiOptError(f"layer {i}: saved shape {n_heads} heads / {n_kv} KV heads does not fit "
                              f"the config's {geo.n_heads} heads")
-        keep = tuple(range(n_heads))
-        kv = keep if adapter.family == "gpt2" else tuple(0 for _ in range(n_kv))
-        apply_layout_(adapter, i, HeadLayout(keep_heads=keep, kv_sources=kv, head_dim=geo.head_dim))
+        apply_layout_(adapter, i, adapter.placeholder_layout(n_heads, n_kv, geo.head_dim))

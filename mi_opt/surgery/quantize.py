@@ -9,7 +9,8 @@ Rules that are decisions, not accidents:
   4-bit embedding cannot be reloaded by transformers. Asking for it is an error.
 - A tied lm_head (it *is* the embedding matrix, as in SmolLM2) stays 16-bit: quantizing it would
   quantize the embedding too. Call `untie_lm_head_(model)` first to quantize a separate copy.
-- GPT-2 Conv1D projections are converted to the equivalent nn.Linear (transposed weight) first.
+- Linears a family stores otherwise (GPT-2 keeps weights as [in, out]) are converted to the equivalent nn.Linear
+  first (`ArchAdapter.as_linear`).
 
 The CPU trap (bitsandbytes 0.50.2, CPUs with AVX512-BF16): the first Linear4bit forward on CPU
 repacks the weight for a fused kernel (`functional._convert_weight_packed_for_cpu`): nibbles are
@@ -26,19 +27,16 @@ same bits and gives identical logits.
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 from torch import nn
 
-from mi_opt.arch import get_adapter
+from mi_opt.arch import get_adapter, linear_from
 from mi_opt.errors import MiOptError
 from mi_opt.plan import INT8_THRESHOLD, check_int8_threshold
+from mi_opt.units import BIT_WIDTHS, QUANT_TYPES, parse_module_key, resolve_linears
 
-WIDTHS = (4, 8, 16)
-QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64           # bitsandbytes' 4-bit block: one absmax per 64 weights
-_KEY = re.compile(r"^L(\d+)(?:\.(.+))?$")
 
 
 def _bnb():
@@ -97,15 +95,7 @@ def untie_lm_head_(model: nn.Module) -> None:
 
 
 def is_tied(model: nn.Module) -> bool:
-    adapter = get_adapter(model)
-    head_w = getattr(adapter.lm_head(), "weight", None)
-    return head_w is not None and head_w is adapter.embedding().weight
-
-
-def _linear_like(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return type(module) is nn.Linear or isinstance(module, Conv1D)
+    return get_adapter(model).is_tied()
 
 
 def resolve_targets(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
@@ -115,59 +105,30 @@ def resolve_targets(model: nn.Module, bits: dict[str, int]) -> dict[str, int]:
     tied lm_head.
     """
     adapter = get_adapter(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    layers = adapter.layers()
     by_layer: dict[str, int] = {}
     by_module: dict[str, int] = {}
     for key, width in bits.items():
-        if width not in WIDTHS:
-            raise MiOptError(f"bits[{key!r}] = {width!r}; widths must be one of {WIDTHS}")
-        if key == "embed":
+        if width not in BIT_WIDTHS:
+            raise MiOptError(f"bits[{key!r}] = {width!r}; widths must be one of {BIT_WIDTHS}")
+        target = parse_module_key(key)
+        if target.special == "embed":
             if width < 16:
                 raise MiOptError("bits['embed'] < 16: mi-opt cannot quantize token embeddings (bitsandbytes has no "
                                  "int8 embedding for inference and transformers cannot reload its 4-bit one); "
                                  "remove the 'embed' entry or set it to 16")
             continue
-        if key == "lm_head":
-            if width < 16 and is_tied(model):
-                raise MiOptError("bits['lm_head'] < 16 but lm_head is tied to the embedding matrix (this model ties "
-                                 "them), so it stays 16-bit; drop the entry, or call "
-                                 "mi_opt.surgery.quantize.untie_lm_head_(model) first to quantize a separate copy")
-            by_module[names[id(adapter.lm_head())]] = width
-            continue
-        m = _KEY.match(key)
-        if not m:
-            raise MiOptError(f"unknown bits target {key!r}; use L<i>, L<i>.<module path> (e.g. L3.self_attn.q_proj), "
-                             "embed or lm_head")
-        index, path = int(m.group(1)), m.group(2)
-        if not 0 <= index < len(layers):
-            raise MiOptError(f"bits target {key!r}: the model has layers 0..{len(layers) - 1}")
-        linears = {p: mod for p, mod in layers[index].named_modules() if _linear_like(mod)}
-        chosen = [p for p in linears if path is None or p == path or p.startswith(path + ".")]
+        if target.special == "lm_head" and width < 16 and is_tied(model):
+            raise MiOptError("bits['lm_head'] < 16 but lm_head is tied to the embedding matrix (this model ties "
+                             "them), so it stays 16-bit; drop the entry, or call "
+                             "mi_opt.surgery.quantize.untie_lm_head_(model) first to quantize a separate copy")
+        chosen = resolve_linears(adapter, target)
         if not chosen:
-            raise MiOptError(f"bits target {key!r} matches no linear module of layer {index}; its linear modules "
-                             f"are: {', '.join(sorted(linears)) or 'none (already quantized?)'}")
-        for p in chosen:
-            (by_layer if path is None else by_module)[names[id(linears[p])]] = width
+            linears = adapter.full_precision_linears(adapter.layers()[target.layer])
+            raise MiOptError(f"bits target {key!r} matches no linear module of layer {target.layer}; its linear "
+                             f"modules are: {', '.join(sorted(linears)) or 'none (already quantized?)'}")
+        for name in chosen:
+            (by_layer if target.path is None and not target.special else by_module)[name] = width
     return {**by_layer, **by_module}  # a module key overrides its layer key
-
-
-def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding copies of `weight` ([out, in]) and `bias`, in the weight's dtype."""
-    out_f, in_f = weight.shape
-    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    return lin
-
-
-def _as_linear(module: nn.Module) -> nn.Linear:
-    """GPT-2 Conv1D (weight stored [in, out]) as the equivalent nn.Linear."""
-    if type(module) is nn.Linear:
-        return module
-    return linear_from(module.weight.T, module.bias)
 
 
 def empty_bnb_module(linear: nn.Module, width: int, quant_type: str,
@@ -184,7 +145,9 @@ def empty_bnb_module(linear: nn.Module, width: int, quant_type: str,
     return q
 
 
-def _quantized(linear: nn.Linear, width: int, quant_type: str, int8_threshold: float = INT8_THRESHOLD) -> nn.Module:
+def quantized_linear(linear: nn.Linear, width: int, quant_type: str,
+                     int8_threshold: float = INT8_THRESHOLD) -> nn.Module:
+    """A new bnb module holding `linear` quantized to `width` (the linear itself is left as it was)."""
     bnb = _bnb()
     q = empty_bnb_module(linear, width, quant_type, int8_threshold)
     device = linear.weight.device
@@ -197,6 +160,10 @@ def _quantized(linear: nn.Linear, width: int, quant_type: str, int8_threshold: f
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return q.to(device).eval()  # .to(device) is where bitsandbytes quantizes
+
+
+def _as_linear(model: nn.Module, module: nn.Module) -> nn.Linear:
+    return get_adapter(model).as_linear(module)
 
 
 def quantize_(model: nn.Module, bits: dict[str, int], quant_type: str = "nf4",
@@ -212,8 +179,8 @@ def quantize_(model: nn.Module, bits: dict[str, int], quant_type: str = "nf4",
             raise MiOptError(f"{name} is on {device}; bitsandbytes kernels run on cpu, cuda or xpu only")
     for name, width in targets.items():
         original = model.get_submodule(name)
-        q = _quantized(_as_linear(original), width, quant_type, int8_threshold)
-        q.source_cls = type(original)  # the attribute transformers sets too: tells a Conv1D origin apart
+        q = quantized_linear(_as_linear(model, original), width, quant_type, int8_threshold)
+        q.source_cls = type(original)  # the attribute transformers sets too: tells a converted origin apart
         model.set_submodule(name, q)
     return targets
 
@@ -244,7 +211,7 @@ def requantize_(model: nn.Module, name: str, weight: torch.Tensor, like: nn.Modu
     module = like if like is not None else model.get_submodule(name)
     width = _width(module)
     threshold = module.state.threshold if width == 8 else INT8_THRESHOLD
-    q = _quantized(linear_from(weight, model.get_submodule(name).bias), width,
+    q = quantized_linear(linear_from(weight, model.get_submodule(name).bias), width,
                    getattr(module.weight, "quant_type", "nf4"), threshold)
     q.source_cls = getattr(module, "source_cls", nn.Linear)
     model.set_submodule(name, q)
@@ -317,7 +284,8 @@ def hf_skip_modules(model: nn.Module, quantized: set[str]) -> list[str]:
     Full leaf names cannot be a prefix, suffix or substring of another module's name, so no
     quantized module is skipped by accident; the check below proves it for this model.
     """
-    skip = sorted(n for n, m in model.named_modules() if _linear_like(m) and n not in quantized)
+    linears = get_adapter(model).full_precision_linears(model)
+    skip = sorted(n for n in linears if n not in quantized)
     for name in quantized:
         hits = [e for e in skip if _skip_entry_matches(e, name)]
         if hits:
@@ -329,7 +297,6 @@ def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | N
                             int8_threshold: float | None) -> dict | None:
     """A BitsAndBytesConfig dict plain transformers can load this model with, or None if none exists."""
     from transformers import BitsAndBytesConfig
-    from transformers.pytorch_utils import Conv1D
 
     if not mods or len({b for b, _ in mods.values()}) != 1 or len({t for _, t in mods.values()}) != 1:
         return None  # mixed widths or 4-bit formats: only mi-opt's loader rebuilds them
@@ -338,8 +305,8 @@ def _hf_quantization_config(model: nn.Module, mods: dict[str, tuple[int, str | N
     if names.get(id(adapter.lm_head())) in mods:
         return None  # transformers keeps lm_head full precision; a quantized one needs mi-opt's loader
     modules = {n: model.get_submodule(n) for n in mods}
-    if any(getattr(m, "source_cls", nn.Linear) is Conv1D for m in modules.values()):
-        return None  # converted Conv1D: not a layout transformers promises to reload
+    if not adapter.transformers_reloads_quantized:
+        return None  # e.g. converted GPT-2 projections: not a layout transformers promises to reload
     bits, quant_type = next(iter(mods.values()))
     skip = hf_skip_modules(model, set(mods))
     if bits == 8:
@@ -427,10 +394,10 @@ def load_quantized_(model: nn.Module, out_dir, metadata: dict) -> None:
         except AttributeError:
             raise MiOptError(f"quantized module {name} does not exist in the given model: rebuild it at the "
                              "post-surgery shapes (layers dropped, heads pruned) before loading") from None
-        if not _linear_like(current):
+        if not get_adapter(model).is_full_precision_linear(current):
             raise MiOptError(f"{name} is a {type(current).__name__}, expected a full-precision linear to replace")
         # Exports before the threshold became 6.0 recorded 0.0; an absent value means no int8 module.
-        shell = empty_bnb_module(_as_linear(current), width, types.get(name, metadata.get("quant_type") or "nf4"),
+        shell = empty_bnb_module(_as_linear(model, current), width, types.get(name, metadata.get("quant_type") or "nf4"),
                                  metadata.get("int8_threshold") or 0.0)
         prefix = name + "."  # a full leaf name: no other module's keys start with it
         _load_into(shell, {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)},

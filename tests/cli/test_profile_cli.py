@@ -82,3 +82,28 @@ def test_profile_of_a_corrupted_checkpoint_stops_with_one_line(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "base loss on calibration batch 0 is not finite" in err[-1]
     assert not (out / "profile.json").exists()
+
+
+def test_profile_reaches_any_registered_scorer(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "wm"
+    code = main(["profile", tiny_folder, "--scorer", "weight_magnitude", "--option", "norm=l1",
+                 "--units", "layer,head", "--data", "kjv", "--n-samples", "2", "--seq-len", "16", "--out", str(out)])
+    assert code == 0
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["method"]["scorer"] == "weight_magnitude" and profile["method"]["norm"] == "l1"
+    assert len(profile["scores"]) == 4 * 5
+    assert main(["profile", tiny_folder, "--option", "batch_size=two", "--out", str(tmp_path / "x")]) == 2
+    assert "'batch_size' must be an integer" in capsys.readouterr().err
+
+
+def test_profile_defaults_are_the_dataclass_defaults():
+    import argparse
+
+    from mi_opt.cli.profile import add_arguments
+    from mi_opt.recipe import DataSection
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.n_samples, args.seq_len, args.data, args.seed) == (DataSection().n_samples, DataSection().seq_len,
+                                                                    DataSection().calibration, DataSection().seed)

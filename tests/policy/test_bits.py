@@ -12,9 +12,9 @@ from tiny import tiny_model, tiny_windows
 from mi_opt.errors import MiOptError
 from mi_opt.policy import make_plan
 from mi_opt.policy.bits import BitsConfig, allocate_bits, solve_mckp
-from mi_opt.policy.quant_sensitivity import QuantSensitivity, measure_quant_sensitivity
+from mi_opt.profile.quant_sensitivity import QuantSensitivity, measure_quant_sensitivity
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
-from mi_opt.surgery.quantize import _quantized, quantize_, quantized_modules
+from mi_opt.surgery.quantize import quantize_, quantized_linear, quantized_modules
 
 
 def test_knapsack_hand_checked_instance():
@@ -125,7 +125,7 @@ def test_sensitivity_equals_full_forward_with_real_modules(granularity, unit, na
                      if type(m) is torch.nn.Linear]
         originals = {n: model.get_submodule(n) for n in names}
         for n in names:
-            model.set_submodule(n, _quantized(originals[n], 4, "nf4"))
+            model.set_submodule(n, quantized_linear(originals[n], 4, "nf4"))
         quant = F.log_softmax(model(windows).logits[:, :-1].float(), -1)
     targets = windows[:, 1:]
     dl = (F.nll_loss(quant.transpose(1, 2), targets) - F.nll_loss(clean.transpose(1, 2), targets)).item()

@@ -118,13 +118,13 @@ def exp_with_mass(mass: float):
 
 
 def test_clean_reference_scores_the_clean_run_as_zero_kl_when_fp32_mass_is_not_one(monkeypatch):
-    from mi_opt.profile.ablation import _CleanReference
+    from mi_opt.profile.engine import CleanReference
 
     adapter, ids = get_adapter(tiny_model("llama")), tiny_windows(4, 16)
     with torch.inference_mode():
         final = adapter.decoder()(ids, use_cache=False).last_hidden_state
         monkeypatch.setattr(torch.Tensor, "exp", exp_with_mass(1 + 1e-4))
-        ref = _CleanReference(adapter, final, ids, chunk=16)
+        ref = CleanReference(adapter, final, ids, chunk=16)
         monkeypatch.undo()
         assert ref.linear                                     # the folded p @ W path
         _, kl = ref.score(final)

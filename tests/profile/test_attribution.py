@@ -17,7 +17,7 @@ from tiny import FAMILIES, tiny_model, tiny_windows
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.hooks import attached
-from mi_opt.profile.ablation import collect_means
+from mi_opt.profile.engine import collect_means
 from mi_opt.profile.attribution import AttributionConfig, profile_attribution
 from mi_opt.profile.interventions import ablation_hooks
 from mi_opt.units import parse_unit

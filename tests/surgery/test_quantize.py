@@ -8,7 +8,7 @@ import torch
 from tiny import FAMILIES, VOCAB, tiny_model
 
 from mi_opt.errors import MiOptError
-from mi_opt.surgery.quantize import (SafeLinear4bit, _quantized, _skip_entry_matches, hf_skip_modules,
+from mi_opt.surgery.quantize import (SafeLinear4bit, quantized_linear, _skip_entry_matches, hf_skip_modules,
                                      load_quantized_, quantize_, quantized_modules, save_quantized, untie_lm_head_)
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -99,7 +99,7 @@ def test_int8_outlier_threshold_keeps_outlier_columns_precise():
     ref = linear(x)
     errs = {}
     for threshold in (0.0, 6.0):
-        q = _quantized(linear, 8, "nf4", threshold)
+        q = quantized_linear(linear, 8, "nf4", threshold)
         assert q.state.threshold == threshold
         with torch.inference_mode():
             errs[threshold] = rel_err(q(x).float(), ref.detach())
