@@ -33,6 +33,8 @@ def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
                                                           if heal["method"] != "local" else "")
     if heal and heal.get("self_generated"):
         how += f", {heal['self_generated']:.0%} self-generated"
+    if heal and heal.get("adapters") == "keep":
+        how += ", adapters kept unmerged"
     tokens = f"{_tokens(rec):,}" if rec else "-"
     wall = f"{rec['cost']['wall_time_s']:.0f}" if rec else "-"
     ratio = (f"{_ratio(cell['perplexity'], unhealed['perplexity'], original['perplexity']):.2f}x"
