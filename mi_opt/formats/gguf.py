@@ -32,11 +32,15 @@ from mi_opt import tmpfiles
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import versions, write_json
 from mi_opt.errors import MiOptError
-from mi_opt.formats.gguf_families import gguf_family, permute_rows, unpermute_rows
+from mi_opt.formats.gguf_families import gguf_family, permute_rows
 from mi_opt.formats.gguf_types import GgufOptions, tensor_types
 from mi_opt.plan import CompressionPlan
 
 SCHEMA = "mi-opt/compression"
+# Descriptive general.* keys carried over from a source GGUF with the tokenizer; the size label is not
+# (dropped layers change the size) and the rest describe this file, so they are written anew.
+COPIED_GENERAL = ("general.license", "general.organization", "general.basename", "general.finetune",
+                  "general.languages")
 TOLERANCE = 1e-4  # relative to the largest logit: both sides compute in fp32 on identical weights
 
 
@@ -72,7 +76,8 @@ def source_gguf(plan: CompressionPlan) -> Path | None:
 
 
 def _vocab_fields(tokenizer, plan: CompressionPlan, options: GgufOptions, vocab_size: int) -> list:
-    """The tokenizer.* fields to copy (GGUFReader fields), [] for no tokenizer; refusals first."""
+    """The tokenizer.* fields (and license, COPIED_GENERAL) to copy as GGUFReader fields, [] for no
+    tokenizer; refusals first."""
     if tokenizer is None:
         return []
     import gguf
@@ -85,7 +90,7 @@ def _vocab_fields(tokenizer, plan: CompressionPlan, options: GgufOptions, vocab_
                          "GgufOptions(vocab_from=...) (--gguf-vocab), or export without a tokenizer")
     if not path.is_file():
         raise MiOptError(f"GGUF vocabulary file {path} does not exist")
-    fields = [f for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")]
+    fields = [f for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.") or k in COPIED_GENERAL]
     tokens = next((f for f in fields if f.name == "tokenizer.ggml.tokens"), None)
     if tokens is None or len(tokens.data) != vocab_size:
         found = "no token list" if tokens is None else f"{len(tokens.data)} tokens"
@@ -106,13 +111,13 @@ def _quantized_tensors(model: nn.Module, types: dict[str, str], family) -> tuple
     for name, p in tqdm(list(model.named_parameters()), desc="quantizing for GGUF", leave=False):
         qtype = gguf.GGMLQuantizationType[types[name]]
         data = p.detach().to("cpu", torch.float32).numpy()
-        heads = family.row_heads(model, name)
-        if heads is not None:
-            data = permute_rows(data, heads)
+        # Blocks run along rows, so quantizing commutes with llama.cpp's row permutation: quantize in
+        # HF order (the reference the check uses, independent of the permutation), then permute the packed rows.
         packed = gguf.quants.quantize(data, qtype)
         back = gguf.quants.dequantize(packed, qtype).reshape(data.shape)
+        heads = family.row_heads(model, name)
         if heads is not None:
-            back = unpermute_rows(back, heads)
+            packed = permute_rows(packed, heads)
         tensors.append((names.get_name(name, try_suffixes=(".weight", ".bias")), packed, qtype))
         dequantized[name] = torch.from_numpy(np.ascontiguousarray(back)).to(p.device, p.dtype)
     return tensors, dequantized
@@ -147,7 +152,7 @@ def _write(path: Path, model: nn.Module, family, tensors: list, vocab: list, typ
             main = field.types[0]
             writer.add_key_value(field.name, field.contents(), main,
                                  sub_type=field.types[-1] if main == gguf.GGUFValueType.ARRAY else None)
-    else:
+    if not any(f.name.startswith("tokenizer.") for f in vocab):
         writer.add_tokenizer_model("none")
     # What mi-opt did, for people and tools reading the file; llama.cpp ignores unknown keys.
     writer.add_string("mi_opt.bits_to_ggml", json.dumps({str(k): v for k, v in sorted(mapping.items())}))

@@ -21,13 +21,9 @@ from mi_opt.errors import MiOptError
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF -> llama.cpp row order of a q/k weight [n_head * head_dim, in] (convert_hf_to_gguf's permute)."""
+    """HF -> llama.cpp row order of a q/k weight [n_head * head_dim, ...] (convert_hf_to_gguf's permute);
+    works on float rows and on packed quantized rows alike (it only reorders axis 0)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of permute_rows (what transformers applies when it loads the file)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 @dataclass(frozen=True)
@@ -108,6 +104,8 @@ REFUSED = {
 def gguf_family(model: nn.Module) -> GgufFamily:
     """The family table for this model, or one clear refusal."""
     family = get_adapter(model).family
+    if str(model.config.model_type).startswith("gemma3"):
+        family = "gemma3"  # Gemma 3 text models use the Gemma adapter; their refusal is the window pattern
     if family in GGUF_FAMILIES:
         return GGUF_FAMILIES[family]
     reason = REFUSED.get(family, "no GGUF layout is written for it")
