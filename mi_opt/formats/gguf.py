@@ -64,15 +64,35 @@ def _check_model(model: nn.Module, plan: CompressionPlan) -> None:
                          "model returned by apply_structure_(model, plan)")
 
 
-def source_gguf(plan: CompressionPlan) -> Path | None:
-    """The GGUF file the plan's source model was loaded from, if it was one (bundled or a .gguf path)."""
+def source_gguf(spec: str) -> Path | None:
+    """The GGUF file model `spec` is loaded from, if it is one (a bundled name or a .gguf path)."""
     from mi_opt.models import BUNDLED
 
-    spec = str(plan.model.get("spec") or "")
     if spec in BUNDLED:
         return BUNDLED[spec].locate_gguf()
     path = Path(spec).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def vocab_path(spec: str, options: GgufOptions) -> Path:
+    """The GGUF file whose tokenizer metadata an export of model `spec` copies, or the refusal."""
+    path = Path(options.vocab_from).expanduser() if options.vocab_from else source_gguf(spec)
+    if path is None:
+        raise MiOptError("GGUF export needs the tokenizer as llama.cpp reads it (tokenizer.ggml.* metadata), and "
+                         f"the source {spec!r} is not a GGUF file: convert its tokenizer once with "
+                         "llama.cpp's `convert_hf_to_gguf.py --vocab-only` and pass that file as "
+                         "GgufOptions(vocab_from=...) (--gguf-vocab, recipe export.gguf.vocab_from), "
+                         "or export without a tokenizer")
+    if not path.is_file():
+        raise MiOptError(f"GGUF vocabulary file {path} does not exist")
+    return path
+
+
+def check_gguf_export(model: nn.Module, spec: str, options: GgufOptions) -> None:
+    """What export_gguf would refuse about this model and its tokenizer source, checked before any work."""
+    options.mapping()
+    gguf_family(model).check(model)
+    vocab_path(spec, options)
 
 
 def _vocab_fields(tokenizer, plan: CompressionPlan, options: GgufOptions, vocab_size: int) -> list:
@@ -82,14 +102,7 @@ def _vocab_fields(tokenizer, plan: CompressionPlan, options: GgufOptions, vocab_
         return []
     import gguf
 
-    path = Path(options.vocab_from).expanduser() if options.vocab_from else source_gguf(plan)
-    if path is None:
-        raise MiOptError("GGUF export needs the tokenizer as llama.cpp reads it (tokenizer.ggml.* metadata), and "
-                         f"the source {plan.model.get('spec')!r} is not a GGUF file: convert its tokenizer once with "
-                         "llama.cpp's `convert_hf_to_gguf.py --vocab-only` and pass that file as "
-                         "GgufOptions(vocab_from=...) (--gguf-vocab), or export without a tokenizer")
-    if not path.is_file():
-        raise MiOptError(f"GGUF vocabulary file {path} does not exist")
+    path = vocab_path(str(plan.model.get("spec") or ""), options)
     fields = [f for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.") or k in COPIED_GENERAL]
     tokens = next((f for f in fields if f.name == "tokenizer.ggml.tokens"), None)
     if tokens is None or len(tokens.data) != vocab_size:
@@ -110,17 +123,43 @@ def _quantized_tensors(model: nn.Module, types: dict[str, str], family) -> tuple
     tensors, dequantized = [], {}
     for name, p in tqdm(list(model.named_parameters()), desc="quantizing for GGUF", leave=False):
         qtype = gguf.GGMLQuantizationType[types[name]]
-        data = p.detach().to("cpu", torch.float32).numpy()
         # Blocks run along rows, so quantizing commutes with llama.cpp's row permutation: quantize in
         # HF order (the reference the check uses, independent of the permutation), then permute the packed rows.
-        packed = gguf.quants.quantize(data, qtype)
-        back = gguf.quants.dequantize(packed, qtype).reshape(data.shape)
+        packed, dequantized[name] = _round_trip(p, qtype)
         heads = family.row_heads(model, name)
         if heads is not None:
             packed = permute_rows(packed, heads)
         tensors.append((names.get_name(name, try_suffixes=(".weight", ".bias")), packed, qtype))
-        dequantized[name] = torch.from_numpy(np.ascontiguousarray(back)).to(p.device, p.dtype)
     return tensors, dequantized
+
+
+def _round_trip(p: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
+    """(the packed GGML bytes of a weight, the weight they dequantize to, in its own dtype and device)."""
+    import gguf
+
+    data = p.detach().to("cpu", torch.float32).numpy()
+    packed = gguf.quants.quantize(data, qtype)
+    back = gguf.quants.dequantize(packed, qtype).reshape(data.shape)
+    return packed, torch.from_numpy(np.ascontiguousarray(back)).to(p.device, p.dtype)
+
+
+def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | None = None) -> dict[str, str]:
+    """apply_structure_, then every weight replaced in place by what the GGUF file will hold, dequantized,
+    so that evaluating the model measures what ships; returns parameter name -> GGML type.
+
+    Exporting the result quantizes each weight again at the same type, which gives the same bytes
+    (Q8_0, Q4_0, Q4_1, Q5_x scales are recomputed exactly from their own dequantized blocks)."""
+    import gguf
+
+    options = options or GgufOptions()
+    apply_structure_(model, plan)
+    gguf_family(model).check(model)
+    types = tensor_types(model, plan, options)
+    with torch.no_grad():
+        for name, p in tqdm(list(model.named_parameters()), desc="GGUF-quantizing", leave=False):
+            if types[name] != "F32" or p.dtype != torch.float32:
+                p.copy_(_round_trip(p, gguf.GGMLQuantizationType[types[name]])[1])
+    return types
 
 
 def _file_type(types: dict[str, str]):

@@ -7,6 +7,7 @@ import json
 import gguf
 import pytest
 import torch
+from gguf_vocab import save_vocab_gguf
 from tiny import _config, save_tiny, tiny_model, tiny_tokenizer, tiny_windows
 
 from mi_opt.artifacts import model_fingerprint
@@ -45,25 +46,6 @@ def _tied_llama():
     config.tie_word_embeddings = True
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
-
-
-def _vocab_gguf(path, tokenizer) -> str:
-    """A tensor-less GGUF holding the tiny tokenizer as llama.cpp's conversion script writes a BPE one."""
-    vocab = tokenizer.get_vocab()
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(sorted(vocab, key=vocab.get))
-    writer.add_token_types([gguf.TokenType.CONTROL if t == "<eos>" else gguf.TokenType.NORMAL
-                            for t in sorted(vocab, key=vocab.get)])
-    writer.add_token_merges([" ".join(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]])
-    writer.add_eos_token_id(vocab["<eos>"])
-    writer.add_license("apache-2.0")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
 
 
 def test_tensor_types_follow_the_plan_and_transformers_reads_what_was_verified(tmp_path):
@@ -179,7 +161,7 @@ def test_apply_cli_writes_a_gguf_with_the_tokenizer_copied(tmp_path, capsys):
     # The folder's tokenizer cannot be named for llama.cpp without its pre-tokenizer: refused, clearly.
     assert main(["apply", folder, str(tmp_path / "plan.json"), "--out", str(out), "--format", "gguf"]) == 2
     assert "--vocab-only" in capsys.readouterr().err and not out.exists()
-    vocab = _vocab_gguf(tmp_path / "vocab.gguf", tokenizer)
+    vocab = save_vocab_gguf(tmp_path / "vocab.gguf", tokenizer)
     assert main(["apply", folder, str(tmp_path / "plan.json"), "--out", str(out), "--format", "gguf",
                  "--gguf-vocab", vocab, "--gguf-4bit", "Q5_0"]) == 0
     assert "llama-cli -m" in capsys.readouterr().out
