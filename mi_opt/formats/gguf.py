@@ -147,8 +147,9 @@ def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | 
     """apply_structure_, then every weight replaced in place by what the GGUF file will hold, dequantized,
     so that evaluating the model measures what ships; returns parameter name -> GGML type.
 
-    Exporting the result quantizes each weight again at the same type, which gives the same bytes
-    (Q8_0, Q4_0, Q4_1, Q5_x scales are recomputed exactly from their own dequantized blocks)."""
+    Exporting the result quantizes each weight again at the same type, which gives the same weights:
+    every block's scale (and minimum) is recomputed exactly from its own dequantized values. The only
+    byte that can change is the sign of an all-zero block's zero scale in Q4_0 / Q5_0 (-0.0 -> +0.0)."""
     import gguf
 
     options = options or GgufOptions()

@@ -170,3 +170,21 @@ def test_apply_cli_writes_a_gguf_with_the_tokenizer_copied(tmp_path, capsys):
     assert fields["general.license"].contents() == "apache-2.0" and fields["tokenizer.ggml.model"].contents() == "gpt2"
     text = "The handbook says: store the tools."
     assert AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")(text).input_ids == tokenizer(text).input_ids
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q8_0"])
+def test_an_export_after_apply_gguf_writes_the_evaluated_weights(kind, tmp_path):
+    """The run path: evaluate the GGUF-quantized weights, export them, and the file holds the same values."""
+    from mi_opt.formats.gguf import apply_gguf_
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, :32] = 0  # an all-zero block: its scale is 0 (or -0)
+    plan = _plan(model, bits={f"L{i}": 4 for i in range(4)} | {"L1": 8})
+    options = GgufOptions(types={4: kind} if kind != "Q8_0" else {})
+    apply_gguf_(model, plan, options)
+    evaluated = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = export(model, None, plan, tmp_path / "a", format="gguf", gguf=options)
+    assert json.loads((out / SIDECAR).read_text())["verified_max_logit_diff"] == 0
+    for name, weight in _dequantized(out, model).items():
+        torch.testing.assert_close(weight, evaluated[name], atol=0, rtol=0)
