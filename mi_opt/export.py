@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -186,8 +188,7 @@ def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Pa
         return export_gguf(model, tokenizer, plan, out, gguf, profile=profile, eval_results=eval_results, heal=heal)
     _check_model_matches_plan(model, plan)
     dtype = storage_dtype(model, dtype)
-    tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
-    try:
+    with staging(out) as tmp:
         stored = stored_parameters(model, dtype)
         want = reference_logits(model, _probe_ids(model), stored)  # before the reload: one extra copy at a time
         quant = _write_checkpoint(model, tmp, stored, dtype)
@@ -208,10 +209,18 @@ def export(model: nn.Module, tokenizer, plan: CompressionPlan, out_dir: str | Pa
         del reloaded
         write_json(tmp / SIDECAR, sidecar)
         finish(tmp, out, plan, model_card(plan, sidecar, eval_results, heal), profile, heal)
+    return out
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary folder next to out for an export to fill; removed with all it holds if the export fails."""
+    tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def finish(tmp: Path, out: Path, plan: CompressionPlan, card: str, profile=None, heal=None) -> None:

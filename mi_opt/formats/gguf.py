@@ -19,7 +19,7 @@ are), or `GgufOptions.vocab_from`. An export without a tokenizer (tokenizer=None
 """
 from __future__ import annotations
 
-import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mi_opt import tmpfiles
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import versions, write_json
 from mi_opt.errors import MiOptError
@@ -36,7 +35,6 @@ from mi_opt.formats.gguf_families import gguf_family, permute_rows
 from mi_opt.formats.gguf_types import GgufOptions, tensor_types
 from mi_opt.plan import CompressionPlan
 
-SCHEMA = "mi-opt/compression"
 # Descriptive general.* keys carried over from a source GGUF with the tokenizer; the size label is not
 # (dropped layers change the size) and the rest describe this file, so they are written anew.
 COPIED_GENERAL = ("general.license", "general.organization", "general.basename", "general.finetune",
@@ -167,11 +165,8 @@ def _file_type(types: dict[str, str]):
     """general.file_type: the type most matrix weights have (llama.cpp shows it as the file's kind)."""
     import gguf
 
-    counts: dict[str, int] = {}
-    for t in types.values():
-        if t != "F32":
-            counts[t] = counts.get(t, 0) + 1
-    main = max(counts, key=counts.get) if counts else "F32"
+    counts = Counter(t for t in types.values() if t != "F32")
+    main = counts.most_common(1)[0][0] if counts else "F32"
     return gguf.LlamaFileType.ALL_F32 if main == "F32" else gguf.LlamaFileType[f"MOSTLY_{main}"]
 
 
@@ -231,7 +226,7 @@ def _verify(model: nn.Module, folder: Path, file_name: str, dequantized: dict[st
 def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, options: GgufOptions | None = None,
                 profile=None, eval_results: dict | None = None, heal=None) -> Path:
     """Write out/<options.file_name> (+ plan, sidecar, card) atomically, verified by a transformers reload."""
-    from mi_opt.export import SIDECAR, VERSION, describe, finish
+    from mi_opt.export import SCHEMA, SIDECAR, VERSION, describe, finish, staging
 
     options = options or GgufOptions()
     _check_model(model, plan)
@@ -240,16 +235,13 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
     mapping = options.mapping()
     types = tensor_types(model, plan, options)
     vocab = _vocab_fields(tokenizer, plan, options, get_adapter(model).embedding().weight.shape[0])
-    tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
-    try:
+    with staging(out) as tmp:
         tensors, dequantized = _quantized_tensors(model, types, family)
         _write(tmp / options.file_name, model, family, tensors, vocab, types, mapping, plan)
         del tensors
         diff = _verify(model, tmp, options.file_name, dequantized)
         del dequantized
-        counts: dict[str, int] = {}
-        for t in types.values():
-            counts[t] = counts.get(t, 0) + 1
+        counts = dict(Counter(types.values()))
         sidecar = {"schema": SCHEMA, "version": VERSION, **describe(model), "format": "gguf",
                    "gguf": {"file": options.file_name, "bytes": (tmp / options.file_name).stat().st_size,
                             "bits_to_ggml": {str(k): v for k, v in sorted(mapping.items())},
@@ -261,7 +253,4 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
         from mi_opt.formats.gguf_card import gguf_card
 
         finish(tmp, out, plan, gguf_card(plan, sidecar, eval_results, heal), profile, heal)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
