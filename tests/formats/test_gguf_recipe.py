@@ -50,6 +50,8 @@ def test_a_gguf_run_evaluates_and_ships_the_gguf_weights(tmp_path):
     result = run(_recipe(folder, {"format": "gguf", "gguf": {"vocab_from": vocab, "types": {4: "Q4_1"}}}),
                  tmp_path / "out" / "g", progress=False)
     assert "export" in result.stages_run
+    report = (tmp_path / "out" / "g" / "report.md").read_text()
+    assert "4-bit (GGUF Q4_1)" in report and "nf4" not in report
     ckpt = tmp_path / "out" / "g" / "checkpoint"
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ckpt / "model.gguf").tensors}
     plan = json.loads((tmp_path / "out" / "g" / "plan.json").read_text())
