@@ -160,8 +160,8 @@ def _reload(tmp: Path, sidecar: dict, model: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     compute = next(model.parameters()).dtype  # stored 16-bit weights upcast exactly to an fp32 model's dtype
-    if sidecar["loader"] != "transformers":
-        return load_compressed(tmp, dtype=compute)
+    if sidecar["loader"] != "transformers":  # the model's own attention kernel: sdpa and eager differ in last bits
+        return load_compressed(tmp, dtype=compute, attn_implementation=model.config._attn_implementation)
     return AutoModelForCausalLM.from_pretrained(tmp, dtype=compute, trust_remote_code=False,
                                                 attn_implementation=model.config._attn_implementation).eval()
 
