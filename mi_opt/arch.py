@@ -92,6 +92,9 @@ class ArchAdapter:
     family: str = "llama"
     model_types: tuple[str, ...] = ("llama", "mistral", "mixtral")
 
+    # Why a GGUF file for llama.cpp is not written for this family (None: it is, mi_opt.formats).
+    gguf_refusal: str | None = None
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
@@ -260,11 +263,20 @@ class ArchAdapter:
 class Qwen2Adapter(ArchAdapter):
     family = "qwen2"
     model_types = ("qwen2", "qwen3")
+    gguf_refusal = "Qwen's GGUF layout (QKV biases, Qwen3 q/k norms) is not written yet"
 
 
 class GemmaAdapter(ArchAdapter):
     family = "gemma"
     model_types = ("gemma", "gemma2", "gemma3_text")
+
+    @property
+    def gguf_refusal(self) -> str:
+        if str(self.config.model_type).startswith("gemma3"):
+            return ("llama.cpp derives Gemma 3's sliding-window pattern from the layer index (every 6th layer "
+                    "global), so a layer-dropped Gemma 3 would silently attend with the wrong windows; not written "
+                    "until verified")
+        return "Gemma's GGUF layout (scaled embeddings, norm offsets) is not written yet"
 
 
 class Gemma3Adapter(GemmaAdapter):
@@ -283,6 +295,7 @@ class GPT2Adapter(ArchAdapter):
 
     family = "gpt2"
     model_types = ("gpt2",)
+    gguf_refusal = "GPT-2's GGUF layout (fused QKV, learned positions) is not written yet"
 
     def decoder(self) -> nn.Module:
         return self.model.transformer

@@ -5,13 +5,23 @@ Layer-dropped, uniformly head-pruned and uniformly quantized models load with pl
 `load_compressed`, which rebuilds the shapes from the sidecar (mi-opt-compression.json)
 before loading the weights, the way PEFT adapters are rebuilt. LoRA adapters a heal kept
 unmerged are written beside the weights in PEFT's format (`adapter/`) and applied on load.
+
+Weights that stay unquantized are stored in bf16 by default (dtype="auto"): a model computing in
+fp32 is stored at half the bytes, one computing in fp16 or bf16 keeps its own dtype. The loaded
+model cannot say what dtype its source file had (transformers records the dtype it loaded at), and
+the bundled models come from GGUF files whose dequantized weights fit neither 16-bit type exactly,
+so bf16, which keeps fp32's range, is the default; dtype="fp32" stores what is in memory. The reload
+check compares against the in-memory model run with its weights rounded to the stored dtype, so it
+stays exact; `format="gguf"` writes a llama.cpp file instead (mi_opt.formats.gguf).
 """
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -30,10 +40,15 @@ SIDECAR = "mi-opt-compression.json"
 SCHEMA = "mi-opt/compression"
 VERSION = 1
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+FORMATS = ("safetensors", "gguf")
 
 
-def _quantized_modules(model: nn.Module) -> bool:
-    return any(c.__module__.startswith("bitsandbytes") for m in model.modules() for c in type(m).__mro__)
+def _is_quantized(module: nn.Module) -> bool:
+    return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def has_quantized_modules(model: nn.Module) -> bool:
+    return any(_is_quantized(m) for m in model.modules())
 
 
 def _head_loader(model: nn.Module, heads: list[tuple[int, int]]) -> str | None:
@@ -53,20 +68,49 @@ def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
         raise MiOptError(f"the model has {n} layers but the plan leaves {n0 - len(plan.drop_layers)}: "
                          "export the model returned by apply_(model, plan)")
     kept_bits = [b for k, b in plan.bits.items() if not in_layers(k, plan.drop_layers)]
-    if any(b < 16 for b in kept_bits) and not _quantized_modules(model):
+    if any(b < 16 for b in kept_bits) and not has_quantized_modules(model):
         raise MiOptError("the plan quantizes modules but the model has no quantized modules: run apply_ first")
 
 
-def _probe_ids(model: nn.Module) -> torch.Tensor:
+def probe_ids(model: nn.Module) -> torch.Tensor:
     vocab = model.config.get_text_config().vocab_size
     device = get_adapter(model).input_device()
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _verify(model: nn.Module, reloaded: nn.Module, where: Path) -> float:
-    ids = _probe_ids(model)
+def storage_dtype(model: nn.Module, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The dtype unquantized weights are stored in: "auto" is bf16 for an fp32 model, else its own dtype."""
+    from mi_opt.models import resolve_dtype
+
+    compute = next(model.parameters()).dtype
+    if dtype == "auto":
+        return torch.bfloat16 if compute == torch.float32 else compute
+    return resolve_dtype(dtype)
+
+
+def stored_parameters(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every float parameter outside quantized modules, as stored (rounded to dtype) and computed
+    with again (back in its own dtype); tied parameters appear once, under their first name."""
+    skip = {n for n, m in model.named_modules() if _is_quantized(m)}  # their tensors are stored as they are
+    out = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and name.rpartition(".")[0] not in skip and p.dtype != dtype:
+            out[name] = p.detach().to(dtype).to(p.dtype)
+    return out
+
+
+def reference_logits(model: nn.Module, ids: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits with `params` (name -> tensor) in place of its own, leaving it unchanged."""
+    from torch.func import functional_call
+
     with torch.inference_mode():
-        want = model(ids, use_cache=False).logits.float()
+        return functional_call(model, params, (ids,), {"use_cache": False}, tie_weights=True).logits.float()
+
+
+def _verify(model: nn.Module, reloaded: nn.Module, where: Path, want: torch.Tensor | None = None) -> float:
+    ids = probe_ids(model)
+    with torch.inference_mode():
+        want = model(ids, use_cache=False).logits.float() if want is None else want
         got = reloaded.to(ids.device)(ids, use_cache=False).logits.float()
     if got.shape != want.shape:
         raise MiOptError(f"export check failed: reloaded logits have shape {tuple(got.shape)}, expected "
@@ -79,59 +123,98 @@ def _verify(model: nn.Module, reloaded: nn.Module, where: Path) -> float:
     return diff
 
 
-def _write_checkpoint(model: nn.Module, tmp: Path) -> dict | None:
-    """Weights + config into tmp; the quantization metadata, or None when nothing is quantized."""
-    if not _quantized_modules(model):
-        model.save_pretrained(tmp)
-        return None
-    from mi_opt.surgery.quantize import save_quantized  # optional backend, only for quantized models
+def _stored_state_dict(model: nn.Module, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """The state dict with the `stored` parameters in the storage dtype; tied entries share one tensor."""
+    by_ptr = {model.get_parameter(n).data_ptr(): t.to(dtype) for n, t in stored.items()}
+    return {k: by_ptr.get(v.data_ptr(), v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
-    meta = save_quantized(model, tmp)
-    model.config.save_pretrained(tmp)
-    if meta.get("quantization_config"):
-        path = tmp / "config.json"
-        cfg = json.loads(path.read_text())
+
+def _write_checkpoint(model: nn.Module, tmp: Path, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict | None:
+    """Weights + config into tmp; the quantization metadata, or None when nothing is quantized."""
+    meta = None
+    if not has_quantized_modules(model):
+        model.save_pretrained(tmp, state_dict=_stored_state_dict(model, stored, dtype))
+    else:
+        from mi_opt.surgery.quantize import save_quantized  # optional backend, only for quantized models
+
+        meta = save_quantized(model, tmp, {n: t.to(dtype) for n, t in stored.items()})
+        model.config.save_pretrained(tmp)
+    path = tmp / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")  # the stored dtype, what from_pretrained(dtype="auto") loads
+    if meta and meta.get("quantization_config"):
         cfg["quantization_config"] = meta["quantization_config"]
-        path.write_text(json.dumps(cfg, indent=2) + "\n")
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
     return meta
 
 
 def _reload(tmp: Path, sidecar: dict, model: nn.Module) -> nn.Module:
     """The checkpoint loaded the way its card says: load_compressed, or plain transformers (plus
     peft for kept adapters)."""
-    if sidecar["loader"] != "transformers":
-        return load_compressed(tmp)
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=next(model.parameters()).dtype, trust_remote_code=False,
+    compute = next(model.parameters()).dtype  # stored 16-bit weights upcast exactly to an fp32 model's dtype
+    if sidecar["loader"] != "transformers":  # the model's own attention kernel: sdpa and eager differ in last bits
+        return load_compressed(tmp, dtype=compute, attn_implementation=model.config._attn_implementation)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=compute, trust_remote_code=False,
                                                     attn_implementation=model.config._attn_implementation)
     if sidecar.get("adapters"):
         load_adapters_(reloaded, tmp / ADAPTER_DIR)
     return reloaded.eval()
 
 
+def _through_adapters(stored: dict[str, torch.Tensor], adapters: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameter names taken with the adapters set aside, as they read with the adapters in place
+    (`q_proj.weight` is then `q_proj.base_layer.weight`)."""
+    renamed = {}
+    for name, tensor in stored.items():
+        owner, _, leaf = name.rpartition(".")
+        renamed[f"{owner}.base_layer.{leaf}" if owner in adapters else name] = tensor
+    return renamed
+
+
 def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out_dir: str | Path, profile=None,
-           eval_results: dict | None = None, force: bool = False, heal=None) -> Path:
+           eval_results: dict | None = None, force: bool = False, heal=None, dtype: str | torch.dtype = "auto",
+           format: str = "safetensors", gguf=None) -> Path:
     """Write the compressed `model` (bare or a handle) to out_dir atomically, verified by a reload;
     returns out_dir.
 
-    heal: the HealRecord when the model was healed after compression (shipped as heal.json)."""
+    heal: the HealRecord when the model was healed after compression (shipped as heal.json).
+    dtype: the dtype of unquantized weights on disk ("auto": bf16 for an fp32 model, see above).
+    format: "safetensors" (transformers / mi-opt checkpoint) or "gguf" (one .gguf for llama.cpp,
+    written by mi_opt.formats.gguf from the unquantized model; gguf: its GgufOptions)."""
     model = bare(model)
+    if format not in FORMATS:
+        raise MiOptError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     out = Path(out_dir)
     if out.exists() and not force:
         raise MiOptError(f"{out} already exists; choose another folder or pass force=True (--force) to replace it")
     if out.exists() and not out.is_dir():
         raise MiOptError(f"{out} exists and is not a folder")
+    if format == "gguf":
+        from mi_opt.adapters import lora_layers
+        from mi_opt.formats.gguf import export_gguf
+
+        if lora_layers(model):
+            raise MiOptError("a GGUF file cannot carry unmerged LoRA adapters: heal with heal.adapters 'merge' "
+                             "to export GGUF, or export safetensors")
+
+        return export_gguf(model, tokenizer, plan, out, gguf, profile=profile, eval_results=eval_results, heal=heal)
     _check_model_matches_plan(model, plan)
-    tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
-    try:
+    dtype = storage_dtype(model, dtype)
+    with staging(out) as tmp:
         with set_aside(model) as adapters:  # the weights as before healing; kept adapters beside them
-            quant = _write_checkpoint(model, tmp)
+            stored = stored_parameters(model, dtype)
+            quant = _write_checkpoint(model, tmp, stored, dtype)
             shapes = describe(model)
+        # what the reload must compute: stored weights as rounded, adapters (saved as they are) on top
+        want = reference_logits(model, probe_ids(model), _through_adapters(stored, adapters))
+        del stored
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         sidecar = {"schema": SCHEMA, "version": VERSION, **shapes, "quantization": quant,
                    "source": plan.model, "versions": versions()}
+        sidecar["dtype"] = str(dtype).removeprefix("torch.")  # as stored; load_compressed builds the model in it
         if adapters:
             sidecar["adapters"] = {"path": ADAPTER_DIR, "format": "peft-lora",
                                    **save_adapters(model, tmp / ADAPTER_DIR)}
@@ -142,21 +225,34 @@ def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out
         sidecar["loader_reason"] = reason
         write_json(tmp / SIDECAR, sidecar)  # load_compressed reads it during the check
         reloaded = _reload(tmp, sidecar, model)
-        sidecar["verified_max_logit_diff"] = _verify(model, reloaded, out)
+        sidecar["verified_max_logit_diff"] = _verify(model, reloaded, out, want)
         del reloaded
         write_json(tmp / SIDECAR, sidecar)
-        plan.save(tmp / "plan.json")
-        if profile is not None:
-            profile.save(tmp / "profile.json")
-        if heal is not None:
-            heal.save(tmp / "heal.json")
-        (tmp / "README.md").write_text(model_card(plan, sidecar, eval_results, heal))
-        tmpfiles.apply_umask(tmp)
-        _replace(tmp, out)
+        finish(tmp, out, plan, model_card(plan, sidecar, eval_results, heal), profile, heal)
+    return out
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary folder next to out for an export to fill; removed with all it holds if the export fails."""
+    tmp = tmpfiles.make_dir(out.parent, out.name)  # also clears what killed exports left
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def finish(tmp: Path, out: Path, plan: CompressionPlan, card: str, profile=None, heal=None) -> None:
+    """Add the plan, profile, heal record and card to a verified tmp folder and rename it to out."""
+    plan.save(tmp / "plan.json")
+    if profile is not None:
+        profile.save(tmp / "profile.json")
+    if heal is not None:
+        heal.save(tmp / "heal.json")
+    (tmp / "README.md").write_text(card)
+    tmpfiles.apply_umask(tmp)
+    _replace(tmp, out)
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -197,8 +293,11 @@ def _load_weights_(model: nn.Module, folder: Path) -> None:
     model.tie_weights()
 
 
-def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: str | None = None) -> nn.Module:
+def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: str | None = None,
+                    dtype: str | torch.dtype | None = None) -> nn.Module:
     """Load any mi-opt export: rebuild the per-layer shapes the sidecar records, then the weights.
+
+    dtype: compute in this dtype instead of the stored one (e.g. fp32 for a bf16 export).
 
     An export never needs custom modeling code, so a folder's auto_map is never run (trust_remote_code=False).
     """
@@ -217,7 +316,7 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
 
         try:
             return AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation,
-                                                        trust_remote_code=False).to(device).eval()
+                                                        dtype=dtype or "auto", trust_remote_code=False).to(device).eval()
         except SafetensorError as err:
             raise corrupt_weights(folder, err) from None
     sidecar = read_json(folder / SIDECAR, SCHEMA, VERSION)
@@ -226,7 +325,10 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
         del config.quantization_config  # quantized modules are rebuilt below, module by module
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with no_init_weights():  # every weight is overwritten from the checkpoint
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, sidecar["dtype"]), **kwargs)
+        from mi_opt.models import resolve_dtype
+
+        want = resolve_dtype(dtype) if dtype is not None else getattr(torch, sidecar["dtype"])
+        model = AutoModelForCausalLM.from_config(config, dtype=want, **kwargs)
     if get_adapter(model).n_layers() != sidecar["n_layers"]:
         raise MiOptError(f"{folder}: config.json builds {get_adapter(model).n_layers()} layers but the sidecar "
                          f"records {sidecar['n_layers']}; the folder was edited by hand")

@@ -6,7 +6,7 @@
     policy:   planner name + its options (mi_opt.policy)
     heal:     optional recovery after apply: HealConfig fields (mi_opt.heal.config)
     evaluate: EvalConfig fields (mi_opt.evaluate.config)
-    export:   whether to write a checkpoint
+    export:   whether to write a checkpoint, and in which format (safetensors, or gguf for llama.cpp)
 
 Loading is strict: an unknown key, a wrong type or an out-of-range value is an error naming
 the key path (e.g. `policy.options.n_drop`) and what is allowed. Scorer and planner options
@@ -64,9 +64,33 @@ class PolicySection:
     options: dict = field(default_factory=dict)  # that planner's config fields
 
 
+EXPORT_FORMATS = ("safetensors", "gguf")
+
+
 @dataclass
 class ExportSection:
     enabled: bool = True            # write a verified checkpoint into the run folder
+    format: str = "safetensors"     # or "gguf": one .gguf for llama.cpp; the compressed model is then
+                                    # evaluated with the GGUF-quantized weights (mi_opt.formats.gguf.apply_gguf_)
+    gguf: dict = field(default_factory=dict)  # GgufOptions fields (float_type, types, vocab_from) for format gguf
+
+    def __post_init__(self):
+        if self.format not in EXPORT_FORMATS:
+            raise MiOptError(f"format: {self.format!r} is not an export format; use one of {', '.join(EXPORT_FORMATS)}")
+        if self.gguf and self.format != "gguf":
+            raise MiOptError("gguf: options given but format is not gguf; set format: gguf or remove them")
+        if self.format == "gguf":
+            try:  # unknown keys and types the installed writer lacks fail at load time, naming export.gguf
+                self.gguf_options().mapping()
+            except MiOptError as err:
+                if str(err).startswith("unknown key"):  # already names export.gguf.<key>
+                    raise
+                raise MiOptError(f"gguf: {err}") from None
+
+    def gguf_options(self):
+        from mi_opt.formats.gguf_types import GgufOptions
+
+        return build(GgufOptions, self.gguf, "export.gguf")
 
 
 # A recipe's name becomes its run folder (OUT/<name>), and recipes are files people share: only a
@@ -97,6 +121,10 @@ class Recipe:
     def __post_init__(self):
         check_name(self.name)
         check_plugins(self)
+        if self.heal and self.export.format == "gguf":
+            raise MiOptError("heal with export.format gguf is not supported yet: healing updates bitsandbytes or "
+                             "float weights that the GGUF writer would round again, so the file would not be the "
+                             "healed model that was evaluated; export safetensors, or drop heal")
         if self.heal and self.heal.eval_seq_len != self.evaluate.ppl_seq_len:
             raise MiOptError(f"heal.eval_seq_len ({self.heal.eval_seq_len}) must equal evaluate.ppl_seq_len "
                              f"({self.evaluate.ppl_seq_len}): it is how healing keeps clear of the evaluation text")

@@ -51,7 +51,8 @@ def decision_chart(plan: CompressionPlan, n_heads: list[int], path: Path) -> Pat
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def plan_summary(plan: CompressionPlan, n_layers: int) -> list[str]:
+def plan_summary(plan: CompressionPlan, n_layers: int, formats: dict[int, str] | None = None) -> list[str]:
+    """formats: width -> how it was quantized, when not bitsandbytes (a GGUF export's GGML types)."""
     lines = []
     if plan.drop_layers:
         lines.append(f"Dropped {len(plan.drop_layers)} of {n_layers} layers: {', '.join(map(str, plan.drop_layers))}.")
@@ -64,13 +65,20 @@ def plan_summary(plan: CompressionPlan, n_layers: int) -> list[str]:
         by_width = {}
         for key, b in quantized.items():
             by_width.setdefault(b, []).append(key)
-        fmt = {4: plan.quant_type, 8: f"int8, outlier threshold {plan.int8_threshold}"}
+        fmt = formats or {4: plan.quant_type, 8: f"int8, outlier threshold {plan.int8_threshold}"}
         lines += [f"{b}-bit ({fmt[b]}): {', '.join(sorted(keys, key=key_order))}."
                   for b, keys in sorted(by_width.items())]
     predicted = plan.predicted
     if predicted.get("parameters") and predicted.get("parameters_before"):
         lines.append(f"Predicted parameters: {predicted['parameters_before']:,} -> {predicted['parameters']:,}.")
     return lines or ["The plan removes nothing."]
+
+
+def _formats(recipe) -> dict[int, str] | None:
+    """GGML types per width when the run evaluated and shipped GGUF weights (export.format gguf)."""
+    if recipe.export.format != "gguf":
+        return None
+    return {w: f"GGUF {t}" for w, t in recipe.export.gguf_options().mapping().items()}
 
 
 def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval, healed=None) -> Path:
@@ -89,7 +97,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
                                          ("Importance of each layer and sublayer", "layers.png")]
                if (root / f).exists()]
     md = [f"# mi-opt report: {recipe.name}", "", recipe.description.strip() or "", "",
-          "## What was removed", "", *[f"- {line}" for line in plan_summary(plan, len(n_heads))], "",
+          "## What was removed", "", *[f"- {line}" for line in plan_summary(plan, len(n_heads), _formats(recipe))], "",
           "![decisions](decisions.png)", "",
           *(["## Recovery after compression", "", *[f"- {line}" for line in healed[1].summary()], ""]
             if healed else []),

@@ -142,6 +142,10 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     loaded = load(spec, dtype=recipe.model.dtype, device=recipe.model.device, trust_remote_code=trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     fingerprint = model_fingerprint(model, tokenizer)  # the tokenizer makes the windows: it keys the stages too
+    if recipe.export.enabled and recipe.export.format == "gguf":
+        from mi_opt.formats.gguf import check_gguf_export
+
+        check_gguf_export(model, spec, recipe.export.gguf_options())  # a refusal now, not after the evaluations
     sections = recipe.section_dict("model", "data", "profile", "policy", "evaluate")
 
     @functools.cache
@@ -201,10 +205,12 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
 
     # 4. apply and evaluate the compressed model; 5. heal it and evaluate again; 6. export it
     heal_section = recipe.section_dict("heal")["heal"]
-    compressed_key = content_hash(plan_key, sections["evaluate"])
+    # A GGUF export evaluates the GGUF-quantized weights, not bitsandbytes': other measurements, other keys.
+    gguf = recipe.section_dict("export")["export"] if recipe.export.format == "gguf" else None
+    compressed_key = content_hash(plan_key, sections["evaluate"], *([gguf] if gguf else []))
     heal_key = content_hash(plan_key, heal_section) if recipe.heal else None
     healed_key = content_hash(heal_key, sections["evaluate"]) if recipe.heal else None
-    export_key = content_hash(plan_key, heal_key, recipe.export.enabled)
+    export_key = content_hash(plan_key, heal_key, recipe.export.enabled, *([gguf] if gguf else []))
     need_healed = bool(recipe.heal) and not (
         folder.done("heal", heal_key) and folder.done("eval_healed", healed_key)
         and (not recipe.export.enabled or folder.done("export", export_key)))
@@ -213,7 +219,13 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         from mi_opt.surgery import apply_
 
         _log("applying the plan")
-        apply_(loaded, plan)
+        if gguf:
+            from mi_opt.formats.gguf import apply_gguf_
+
+            apply_gguf_(model, plan, recipe.export.gguf_options())
+            loaded.changed()
+        else:
+            apply_(loaded, plan)
 
     def evaluated(stage: str, key: str, label: str, tag: str) -> EvalResult:
         """The stage's result: reused when its key matches, else the in-memory model measured now."""
@@ -251,7 +263,8 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
             if healed:
                 results["healed"] = healed[0].to_dict()
             export(model, tokenizer, plan, folder.root / "checkpoint", profile=profile, force=True,
-                   eval_results=results, heal=healed[1] if healed else None)
+                   eval_results=results, heal=healed[1] if healed else None, format=recipe.export.format,
+                   gguf=recipe.export.gguf_options() if gguf else None)
             folder.mark("export", export_key, ["checkpoint"])
             ran.append("export")
 

@@ -9,7 +9,7 @@ from tiny import FAMILIES, tiny_model, tiny_tokenizer, tiny_windows
 
 from mi_opt.artifacts import model_fingerprint
 from mi_opt.errors import MiOptError
-from mi_opt.export import SIDECAR, export, load_compressed
+from mi_opt.export import SIDECAR, export, load_compressed, reference_logits, stored_parameters
 from mi_opt.plan import CompressionPlan
 from mi_opt.surgery import apply_
 
@@ -22,6 +22,11 @@ def _plan(model, **kw) -> CompressionPlan:
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+def _stored_logits(model, ids, dtype=torch.bfloat16):
+    """What a default export computes in fp32: the model with its unquantized weights rounded to bf16."""
+    return reference_logits(model, ids, stored_parameters(model, dtype))
 
 
 def _leftovers(parent, name):
@@ -42,8 +47,10 @@ def test_uniform_export_loads_with_plain_transformers(family, tmp_path):
     assert sidecar["loader"] == "transformers" and sidecar["verified_max_logit_diff"] <= 1e-4
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.num_hidden_layers == 3 and reloaded.config.num_attention_heads == 2
+    assert next(reloaded.parameters()).dtype == torch.bfloat16 and sidecar["dtype"] == "bfloat16"
     ids = tiny_windows(2, 12)
-    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _stored_logits(model, ids), atol=1e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(out).eos_token == "<eos>"
     assert CompressionPlan.load(out / "plan.json").drop_layers == [2]
     card = (out / "README.md").read_text()
@@ -59,11 +66,14 @@ def test_free_export_loads_with_load_compressed_and_generates(family, tmp_path):
     out = export(model, None, plan, tmp_path / "free")
     sidecar = json.loads((out / SIDECAR).read_text())
     assert sidecar["loader"] == "mi_opt" and sidecar["heads"][0][0] == 3
-    reloaded = load_compressed(out)
+    assert next(load_compressed(out).parameters()).dtype == torch.bfloat16
+    reloaded = load_compressed(out, dtype="fp32")
     ids = tiny_windows(2, 12)
-    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(reloaded, ids), _stored_logits(model, ids), atol=1e-5, rtol=1e-5)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
+        for name, weight in stored_parameters(model, torch.bfloat16).items():
+            model.get_parameter(name).copy_(weight)  # now it computes with exactly the stored weights
         assert torch.equal(reloaded.generate(ids[:1, :5], **kw), model.generate(ids[:1, :5], **kw))
     assert "load_compressed" in (out / "README.md").read_text()
 
@@ -128,11 +138,26 @@ def test_tied_embeddings_survive_load_compressed(bits, tmp_path):
     plan = _plan(model, drop_layers=[1], prune_heads={0: [1], 2: [0, 3]}, head_mode="free", bits=bits)
     apply_(model, plan)
     out = export(model, None, plan, tmp_path / "tied")
-    reloaded = load_compressed(out)
+    reloaded = load_compressed(out, dtype="fp32")
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     ids = tiny_windows(2, 12)
     with torch.inference_mode():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded(ids).logits, _stored_logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_unquantized_weights_are_stored_in_bf16_unless_asked_otherwise(tmp_path):
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    plan = _plan(model)
+    small, full = export(model, None, plan, tmp_path / "bf16"), export(model, None, plan, tmp_path / "fp32", dtype="fp32")
+    with safe_open(str(small / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert (small / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    ids = tiny_windows(2, 12)
+    torch.testing.assert_close(_logits(load_compressed(full), ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    # the in-memory model is unchanged by a bf16 export
+    assert next(model.parameters()).dtype == torch.float32
 
 
 def test_exports_follow_the_umask_not_mkdtemp(tmp_path):

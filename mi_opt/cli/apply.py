@@ -1,4 +1,5 @@
-"""`mi-opt apply MODEL PLAN.json --out DIR`: compress for real and export a verified checkpoint."""
+"""`mi-opt apply MODEL PLAN.json --out DIR`: compress for real and export a verified checkpoint
+(`--format gguf`: one .gguf for llama.cpp, quantized per the plan by mi_opt.formats.gguf)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sample", metavar="PROMPT", help="print a greedy continuation of PROMPT from the exported model")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
+                   help="safetensors: a transformers/mi-opt checkpoint; gguf: one .gguf for llama.cpp")
+    p.add_argument("--gguf-4bit", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1"],
+                   help="GGML type of the plan's 4-bit modules (--format gguf)")
+    p.add_argument("--gguf-float", default="F16", choices=["F16", "BF16", "F32"],
+                   help="GGML type of the plan's 16-bit weights (--format gguf)")
+    p.add_argument("--gguf-vocab", metavar="FILE.gguf",
+                   help="copy tokenizer metadata from this GGUF (default: the source model's, when it is a GGUF)")
     add_trust_arguments(p)
 
 
@@ -40,10 +49,26 @@ def run(args: argparse.Namespace) -> int:
     from mi_opt.handle import parameter_count
 
     before = parameter_count(model)
-    apply_(model, plan)
+    gguf = None
+    if args.format == "gguf":
+        from mi_opt.formats.gguf import apply_structure_
+        from mi_opt.formats.gguf_types import GgufOptions
+
+        gguf = GgufOptions(float_type=args.gguf_float, types={4: args.gguf_4bit}, vocab_from=args.gguf_vocab)
+        apply_structure_(model, plan)  # the GGUF writer quantizes from the unquantized weights
+    else:
+        apply_(model, plan)
     after = parameter_count(model)  # a packed 4-bit weight counts as the weights it holds
-    export(model, tokenizer, plan, out, profile=profile, force=args.force)
+    export(model, tokenizer, plan, out, profile=profile, force=args.force, format=args.format, gguf=gguf)
     print(f"exported: {out}  (parameters {before:,} -> {after:,}, {after / before:.1%})")
+    if args.format == "gguf":
+        print(f"run with: llama-cli -m {out / gguf.file_name}")
+        if args.sample:
+            from transformers import AutoModelForCausalLM
+
+            reread = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf.file_name).eval()  # the file's weights
+            print(f"sample: {sample(reread, tokenizer, args.sample)!r}")
+        return 0
     print(f"load with: {'AutoModelForCausalLM.from_pretrained' if _plain(out) else 'mi_opt.export.load_compressed'}"
           f"('{out}')")
     if args.sample:

@@ -244,8 +244,10 @@ def quantized_bytes(numel: int, out_features: int, bits: int, has_bias: bool = F
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _state_dict_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The canonical state dict, with tied duplicates dropped (safetensors refuses shared tensors)."""
+def _state_dict_for_saving(model: nn.Module, replace: dict[str, torch.Tensor] | None = None
+                           ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The canonical state dict, with tied duplicates dropped (safetensors refuses shared tensors)
+    and the entries named in `replace` (e.g. unquantized weights cast to bf16) swapped in."""
     bnb = _bnb()
     for m in model.modules():
         if type(m) is bnb.nn.Linear4bit:  # e.g. loaded by transformers: make state_dict() non-destructive
@@ -257,7 +259,7 @@ def _state_dict_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], l
             dropped.append(key)
             continue
         seen[ident] = key
-        out[key] = t.detach().to("cpu").contiguous()
+        out[key] = (replace or {}).get(key, t).detach().to("cpu").contiguous()
     return out, dropped
 
 
@@ -331,8 +333,10 @@ def model_int8_threshold(model: nn.Module) -> float | None:
     return values.pop() if values else None
 
 
-def save_quantized(model: nn.Module, out_dir) -> dict:
+def save_quantized(model: nn.Module, out_dir, replace: dict[str, torch.Tensor] | None = None) -> dict:
     """Write out_dir/model.safetensors (canonical bnb layout); return the sidecar metadata.
+
+    replace: state-dict key -> tensor to store instead (the export's unquantized weights in bf16).
 
     metadata["loader"] is "transformers" when `quantization_config` (put it in config.json under
     that key) lets plain `AutoModelForCausalLM.from_pretrained` rebuild the model, else "mi_opt".
@@ -345,7 +349,7 @@ def save_quantized(model: nn.Module, out_dir) -> dict:
 
     mods = quantized_modules(model)
     threshold = model_int8_threshold(model)  # raises on mixed thresholds, before anything is written
-    tensors, tied = _state_dict_for_saving(model)
+    tensors, tied = _state_dict_for_saving(model, replace)
     atomic_write_bytes(Path(out_dir) / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
     hf_config = _hf_quantization_config(model, mods, threshold)
     four_bit = {n: t for n, (b, t) in mods.items() if b == 4}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mi_opt.export import SIDECAR, export, load_compressed
+from mi_opt.export import SIDECAR, export, load_compressed, reference_logits, stored_parameters
 from mi_opt.policy import make_plan
 from mi_opt.profile.baselines import WeightMagnitudeConfig, profile_weight_magnitude
 from mi_opt.surgery import apply_
@@ -48,8 +48,12 @@ def test_layers_and_uniform_heads_export_loads_with_plain_transformers(smollm2, 
     assert params == plan.predicted["parameters"] < plan.predicted["parameters_before"]
     out = export(model, tok, plan, tmp_path / "smol", profile=profile)
     assert json.loads((out / SIDECAR).read_text())["loader"] == "transformers"
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16  # stored at half of fp32's bytes
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert reloaded.config.num_hidden_layers == 24 and reloaded.config.num_attention_heads == 6
+    with torch.no_grad():
+        for name, weight in stored_parameters(model, torch.bfloat16).items():
+            model.get_parameter(name).copy_(weight)  # the in-memory model now holds what was stored
     cached = _generate(reloaded, tok)
     assert torch.equal(cached, _generate(reloaded, tok, use_cache=False))
     assert torch.equal(cached, _generate(model, tok))
@@ -66,9 +70,10 @@ def test_mixed_bits_on_top_export_loads_with_load_compressed(smollm2, smol_plan,
     model = apply_(copy.deepcopy(base), plan)
     out = export(model, tok, plan, tmp_path / "smol-q")
     assert json.loads((out / SIDECAR).read_text())["loader"] == "mi_opt"
-    reloaded = load_compressed(out)
+    reloaded = load_compressed(out, dtype="fp32")  # stored in bf16, computed in fp32 like the in-memory model
     ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    want = reference_logits(model, ids, stored_parameters(model, torch.bfloat16))
     with torch.inference_mode():
-        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(reloaded(ids).logits, want, atol=1e-4, rtol=1e-4)
     # Logits already match; one generation (bnb on CPU is slow) checks the KV-cache path runs.
     assert tok.decode(_generate(reloaded, tok), skip_special_tokens=True).strip()

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mi_opt.data import token_windows
-from mi_opt.export import export
+from mi_opt.export import export, reference_logits, stored_parameters
 from mi_opt.heal import HealConfig, heal_
 from mi_opt.policy import make_plan
 from mi_opt.profile.scorers import SCORERS
@@ -33,9 +33,13 @@ def test_a_layer_dropped_smollm2_heals_and_exports_a_plain_checkpoint(smollm2, t
     assert all(b["relative_mse_after"] < b["relative_mse_before"] for b in record.local)
     out = export(student, tokenizer, plan, tmp_path / "healed", heal=record)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == torch.bfloat16  # as stored
+    exact = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                 attn_implementation=student.config._attn_implementation).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    want = reference_logits(student, ids, stored_parameters(student, torch.bfloat16))
     with torch.no_grad():
-        assert torch.allclose(reloaded(ids).logits, student(ids).logits, atol=1e-4)
+        assert torch.allclose(exact(ids).logits, want, atol=1e-4)
         text = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert text.shape[1] > ids.shape[1]
     assert (out / "heal.json").exists() and "Healed after compression" in (out / "README.md").read_text()
