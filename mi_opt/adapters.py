@@ -102,4 +102,8 @@ def load_adapters_(model: nn.Module, folder: Path) -> nn.Module:
     if config.get("peft_type") != "LORA":
         raise MiOptError(f"{folder} holds {config.get('peft_type')!r} adapters; mi-opt writes and reads LoRA only")
     PeftModel.from_pretrained(model, str(folder), is_trainable=False)  # injects into `model` itself
+    dtype = model.get_input_embeddings().weight.dtype  # what the model computes in (bf16 loads included)
+    for layer in lora_layers(model).values():
+        layer.lora_A.to(dtype)
+        layer.lora_B.to(dtype)
     return model
