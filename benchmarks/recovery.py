@@ -30,6 +30,7 @@ from mi_opt.heal import HealConfig, heal_
 from mi_opt.models import load_model
 from mi_opt.plan import CompressionPlan
 from mi_opt.policy import make_plan
+from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.scorers import SCORERS
 from mi_opt.surgery import apply_
 
@@ -47,6 +48,9 @@ DISTILL = {"method": "distill", "train": "localized", "lr": 3e-4}
 PLANS = {
     "drop4": {"n_drop": 4}, "drop4-causal": {"n_drop": 4, "scorer": "ablation", "metric": "kl"}, "drop6": {"n_drop": 6}, "drop7": {"n_drop": 7}, "drop8": {"n_drop": 8},
     "heads-third": "reports/recipes/prune-third-heads/plan.json",
+    # a quarter of the heads is not a whole number per KV group: free mode, from the same recipe's profile
+    "heads-quarter": {"profile": "reports/recipes/prune-third-heads/profile.json", "planner": "head-prune",
+                      "options": {"fraction": 0.25, "mode": "free", "metric": "kl"}},
     "bits-mix": "reports/recipes/bits-4-8-mix/plan.json",
 }
 # cell name -> (plan, heal options or None)
@@ -80,6 +84,8 @@ CELLS = {
     "drop8-local+distill-localized-40": ("drop8", {**LOCAL_DISTILL, "steps": 40}),
     "drop4-causal-unhealed": ("drop4-causal", None),
     "drop4-causal-local+distill-localized-20": ("drop4-causal", {**LOCAL_DISTILL, "steps": 20}),
+    "heads-quarter-unhealed": ("heads-quarter", None),
+    "heads-quarter-local+distill-localized-40": ("heads-quarter", {**LOCAL_DISTILL, "steps": 40, "local_steps": 30}),
     "drop6-unhealed": ("drop6", None),
     "drop6-local+distill-localized-40": ("drop6", {**LOCAL_DISTILL, "steps": 40}),
 }
@@ -122,6 +128,12 @@ def plan_for(name: str, model, tokenizer) -> CompressionPlan:
     path = OUT / "plans" / f"{name}.json"
     if path.exists():
         plan = CompressionPlan.load(path)
+    elif isinstance(PLANS[name], dict) and "profile" in PLANS[name]:
+        spec = PLANS[name]
+        profile = ImportanceProfile.load(ROOT / spec["profile"])
+        profile.model["fingerprint"] = None  # made before the fingerprint scheme changed; same bundled model
+        plan = make_plan(profile, spec["planner"], spec["options"], model=model)
+        plan.save(path)
     elif isinstance(PLANS[name], dict):
         plan = make_layer_plan(model, tokenizer, PLANS[name])
         plan.save(path)
