@@ -23,8 +23,10 @@ MANIFEST_SCHEMA = "mi-opt/run-stages"
 # What each stage may leave in the run folder, so outputs of a stage that no longer runs (export
 # switched off) are removed even when an older manifest did not list them.
 STAGE_OUTPUTS = {"profile": ("profile.json", "heads.png", "layers.png"), "plan": ("plan.json",),
-                 "eval_original": ("eval_original.json",), "eval_compressed": ("eval_compressed.json",),
-                 "heal": ("heal.json", "healed.safetensors"), "eval_healed": ("eval_healed.json",),
+                 "eval_original": ("eval_original.json", "eval_original.lm_eval.json"),
+                 "eval_compressed": ("eval_compressed.json", "eval_compressed.lm_eval.json"),
+                 "heal": ("heal.json", "healed.safetensors"),
+                 "eval_healed": ("eval_healed.json", "eval_healed.lm_eval.json"),
                  "export": ("checkpoint",)}
 HEAL_WORK = "heal-work-"  # + the heal stage's key: distillation checkpoints while a heal runs
 
@@ -195,7 +197,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
                              trust_task_code=trust_task_code)
         base_eval.save(base_path)
         ran.append("eval_original")
-    write_json(folder.root / "eval_original.json", base_eval.to_dict())
+    base_eval.save(folder.root / "eval_original.json")  # with lm-eval's own results beside it
     folder.mark("eval_original", base_key, ["eval_original.json"])
 
     # 4. apply and evaluate the compressed model; 5. heal it and evaluate again; 6. export it

@@ -131,10 +131,16 @@ def summary(result) -> str:
     lines = []
     if result.perplexity:
         p = result.perplexity
-        lines.append(f"perplexity {p['perplexity']:.3f}  bits/byte {p['bits_per_byte']:.4f}  "
+        spread = f" [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}]" if p.get("interval") else ""
+        lines.append(f"perplexity {p['perplexity']:.3f}{spread}  bits/byte {p['bits_per_byte']:.4f}  "
                      f"({p['n_tokens']} tokens of {p['source']!r}, evaluation split)")
     for name, t in result.tasks.items():
-        lines.append(f"{name}: {t['primary']} {t['metrics'][t['primary']]:.3f} (n={t['n']}, {t['num_fewshot']}-shot)")
+        score = t.get("score")
+        spread = f" [{score['interval'][0]:.3f}, {score['interval'][1]:.3f}]" if score else ""
+        lines.append(f"{name}: {t['primary']} {t['metrics'][t['primary']]:.3f}{spread} "
+                     f"(n={t['n']}, {t['num_fewshot']}-shot)")
+    if result.perplexity or result.tasks:
+        lines.append("[low, high]: 95% interval (exact binomial for right/wrong scores; perplexity across windows)")
     if result.speed:
         s = result.speed
         lines.append(f"prefill {s['prefill_ms']['median']:.1f} ms  ttft {s['ttft_ms']['median']:.1f} ms  "

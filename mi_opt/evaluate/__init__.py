@@ -67,8 +67,9 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig | None = None, spec
             result.wall_time_s["perplexity"] = round(time.perf_counter() - started, 2)
         if "tasks" in config.parts:
             started = time.perf_counter()
+            result.lm_eval_results = {}
             result.tasks = run_tasks(model, tokenizer, config.tasks, config.task_limit, config.task_batch_size,
-                                     device, config.seed, resolved, trust_task_code)
+                                     device, config.seed, resolved, trust_task_code, raw=result.lm_eval_results)
             result.wall_time_s["tasks"] = round(time.perf_counter() - started, 2)
         if "speed" in config.parts:
             started = time.perf_counter()

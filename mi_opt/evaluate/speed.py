@@ -29,7 +29,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    """Median, quartiles (the interquartile range is the spread reports show) and extremes."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values),
+            "n": len(values)}
 
 
 def count_parameters(model: nn.Module) -> int:
