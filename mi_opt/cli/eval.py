@@ -19,7 +19,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward")
     g.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help="comma list: mi-opt task names, task .yaml paths, or lm-eval task names (need a network)")
-    g.add_argument("--limit", type=int, default=30, help="items per task (0 = all)")
+    g.add_argument("--limit", type=int, default=0,
+                   help="items per task (default 0 = all; a limit widens every interval: quick runs only)")
     g.add_argument("--task-batch-size", type=int, default=8)
     g.add_argument("--speed-batch", type=int, default=1, help="sequences per speed run")
     g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill timing")
