@@ -83,15 +83,36 @@ def _speed(r: EvalResult, key: str, stat: str = "median") -> float | None:
     return value.get(stat) if isinstance(value, dict) else value
 
 
-def metrics_table(results: list[EvalResult]) -> list[Metric]:
+def _timing_row(name: str, key: str, results: list[EvalResult], labels: list[str] | None, ab: dict | None,
+                higher_is_better: bool, kind: str) -> Metric:
+    """A timing row; with an A/B measurement, its spreads and per-round ratios (evaluate/ab_speed.py)."""
+    row = Metric(name, [_speed(r, key) for r in results], higher_is_better, kind, "{:.1f}")
+    if ab and labels:
+        per_model = ab["per_model"]
+        row.intervals = [[per_model[lb][key]["q1"], per_model[lb][key]["q3"]] if lb in per_model else None
+                         for lb in labels]
+        row.changes = [None] + [_ab_change(ab, lb, key) for lb in labels[1:]]
+    return row
+
+
+def _ab_change(ab: dict, label: str, key: str) -> dict:
+    ratio = ab["vs_baseline"].get(label, {}).get(key)
+    if ratio is None:
+        return {"reason": "not in the A/B timing"}
+    return {"change": ratio["median"], "interval": [ratio["q1"], ratio["q3"]],
+            "test": "median and IQR of per-round ratios, interleaved A/B", "reliable": ab["reliable"]}
+
+
+def metrics_table(results: list[EvalResult], labels: list[str] | None = None, speed_ab: dict | None = None
+                  ) -> list[Metric]:
     rows = [Metric("perplexity", [(r.perplexity or {}).get("perplexity") for r in results], False,
                    intervals=[(r.perplexity or {}).get("interval") for r in results],
                    changes=[None] + [perplexity_change(results[0].perplexity, r.perplexity) for r in results[1:]]),
             Metric("bits per byte", [(r.perplexity or {}).get("bits_per_byte") for r in results], False)]
     rows += _task_rows(results)
-    rows += [Metric("prefill ms", [_speed(r, "prefill_ms") for r in results], False, "speedup", "{:.1f}"),
-             Metric("time to first token ms", [_speed(r, "ttft_ms") for r in results], False, "speedup", "{:.1f}"),
-             Metric("decode tokens/s", [_speed(r, "decode_tokens_per_s") for r in results], True, "rate", "{:.1f}"),
+    rows += [_timing_row("prefill ms", "prefill_ms", results, labels, speed_ab, False, "speedup"),
+             _timing_row("time to first token ms", "ttft_ms", results, labels, speed_ab, False, "speedup"),
+             _timing_row("decode tokens/s", "decode_tokens_per_s", results, labels, speed_ab, True, "rate"),
              Metric("peak memory MB", [_mb(_speed(r, "peak_memory_bytes")) for r in results], False, "ratio", "{:.1f}"),
              Metric("parameters M", [_mb(_speed(r, "parameters")) for r in results], None, "ratio", "{:.2f}"),
              Metric("size MB", [_mb(_speed(r, "size_bytes")) for r in results], None, "ratio", "{:.1f}")]
@@ -128,11 +149,16 @@ def unfair_settings(results: list[EvalResult]) -> list[str]:
 class Comparison:
     labels: list[str]
     results: list[EvalResult]
+    speed_ab: dict | None = None   # an interleaved A/B timing of these models (evaluate/ab_speed.py)
 
     def __post_init__(self):
         if len(self.labels) != len(self.results) or not self.results:
             raise MiOptError("compare needs one label per result and at least one result")
-        self.rows = metrics_table(self.results)
+        if self.speed_ab:
+            from mi_opt.evaluate.ab_speed import apply_ab
+
+            apply_ab(self.results, self.labels, self.speed_ab)
+        self.rows = metrics_table(self.results, self.labels, self.speed_ab)
 
     def _cells(self) -> list[list[str]]:
         table = []
@@ -158,6 +184,17 @@ class Comparison:
         differ = unfair_settings(self.results)
         if differ:
             notes.append(f"settings differ from the baseline's: {', '.join(differ)}; those rows are not comparable")
+        timed = [lb for lb, r in zip(self.labels, self.results) if r.speed]
+        if self.speed_ab:
+            from mi_opt.evaluate.ab_speed import summary_lines
+
+            notes += [line.replace("**", "") for line in summary_lines(self.speed_ab)]
+            alone = [lb for lb in timed if lb not in self.speed_ab["per_model"]]
+            if alone:
+                notes.append(f"speed of {', '.join(alone)} was timed on its own, not in the A/B rounds")
+        elif len(timed) > 1:
+            notes.append("speed rows were timed in separate runs, not interleaved A/B: a speedup below about "
+                         "x1.2 may be the machine, not the model (time them together: `mi-opt compare` on models)")
         kinds = {(r.speed or {}).get("size_kind") for r in self.results} - {None}
         if len(kinds) > 1:
             notes.append("size mixes bytes on disk and bytes in memory")
@@ -186,7 +223,7 @@ class Comparison:
                  "paired": {label: m.change(i) for i, label in enumerate(self.labels) if i > 0}}
                 for m in self.rows]
         return {"schema": SCHEMA, "version": VERSION, "labels": self.labels, "baseline": self.labels[0],
-                "rows": rows, "notes": self.notes(),
+                "rows": rows, "notes": self.notes(), "speed_ab": self.speed_ab,
                 "models": {label: r.model for label, r in zip(self.labels, self.results)},
                 "versions": versions(), "created": now()}
 

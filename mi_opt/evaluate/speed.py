@@ -133,10 +133,9 @@ def _one_run(model, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[fl
     return prefill, ttft, time.perf_counter() - t0
 
 
-def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: str | Path | None = None,
-                  device: str | torch.device | None = None, progress: bool = True) -> dict:
-    """Prefill latency, time to first token, decode tokens/s, peak memory, parameters and size."""
-    config = config or SpeedConfig()
+def speed_prompt(model: nn.Module, config: SpeedConfig, device: str | torch.device | None = None
+                 ) -> tuple[torch.device, torch.Tensor]:
+    """(device, seeded random prompt ids) for timing `model`; the same config gives the same ids."""
     adapter = get_adapter(model)
     device = torch.device(device) if device is not None else adapter.embedding().weight.device
     max_pos = adapter.max_positions()
@@ -147,7 +146,27 @@ def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: s
                          f"the model's context of {max_pos} tokens; lower them")
     vocab = adapter.embedding().weight.shape[0]
     gen = torch.Generator().manual_seed(config.seed)
-    ids = torch.randint(0, vocab, (config.batch_size, config.prompt_len), generator=gen).to(device)
+    return device, torch.randint(0, vocab, (config.batch_size, config.prompt_len), generator=gen).to(device)
+
+
+TIMING_KEYS = ("prefill_ms", "ttft_ms", "decode_tokens_per_s", "decode_ms_per_token")
+
+
+def timing_summaries(runs: list[tuple[float, float, float]], config: SpeedConfig) -> dict:
+    """The TIMING_KEYS summaries of timed runs (prefill s, ttft s, decode s) of one model."""
+    prefill, ttft, decode = zip(*runs)
+    decoded = config.batch_size * (config.new_tokens - 1)
+    return {"prefill_ms": _summary([t * 1e3 for t in prefill]),
+            "ttft_ms": _summary([t * 1e3 for t in ttft]),
+            "decode_tokens_per_s": _summary([decoded / t for t in decode]),
+            "decode_ms_per_token": _summary([t * 1e3 / (config.new_tokens - 1) for t in decode])}
+
+
+def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: str | Path | None = None,
+                  device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Prefill latency, time to first token, decode tokens/s, peak memory, parameters and size."""
+    config = config or SpeedConfig()
+    device, ids = speed_prompt(model, config, device)
     extra = _forward_kwargs(model)
     runs = []
     with torch.inference_mode(), _PeakMemory(device) as peak:
@@ -155,13 +174,8 @@ def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: s
             timing = _one_run(model, ids, config.new_tokens, extra)
             if i >= config.warmup:
                 runs.append(timing)
-    prefill, ttft, decode = zip(*runs)
-    decoded = config.batch_size * (config.new_tokens - 1)
     result = {
-        "prefill_ms": _summary([t * 1e3 for t in prefill]),
-        "ttft_ms": _summary([t * 1e3 for t in ttft]),
-        "decode_tokens_per_s": _summary([decoded / t for t in decode]),
-        "decode_ms_per_token": _summary([t * 1e3 / (config.new_tokens - 1) for t in decode]),
+        **timing_summaries(runs, config),
         "peak_memory_bytes": peak.value, "peak_memory_kind": peak.kind,
         "parameters": count_parameters(model), "memory_bytes": memory_bytes(model),
         "device": str(device), "threads": torch.get_num_threads(),
