@@ -97,6 +97,11 @@ def load_any(spec: str, dtype: str = "fp32", device: str = "cpu", trust_remote_c
 
 def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
     """Load a model by spec and evaluate it with the settings in args (or `config`)."""
+    return evaluate_loaded(spec, args, config)[0]
+
+
+def evaluate_loaded(spec: str, args: argparse.Namespace, config=None):
+    """(EvalResult, model): as evaluate_spec, keeping the model for a later A/B timing."""
     from mi_opt.evaluate import evaluate
 
     config = config or config_from_args(args)
@@ -106,7 +111,7 @@ def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
     result.model["dtype_loaded"] = args.dtype
     if on_disk is not None and on_disk.is_file() and result.speed:  # a GGUF: its bytes on disk are the file
         result.speed.update(size_bytes=on_disk.stat().st_size, size_kind="disk (gguf)")
-    return result
+    return result, model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -91,3 +91,13 @@ def test_eval_of_a_task_file_whose_template_runs_code(folder, tmp_path, capsys):
     assert code == 2 and not pwned.exists() and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mi-opt eval: error:") and "reaches Python internals" in err and "--trust-task-code" in err
+
+
+def test_compare_models_times_them_together(folder, tmp_path, capsys):
+    cmp_dir = tmp_path / "ab"
+    argv = ["compare", folder, folder, "--labels", "a,b", "--out", str(cmp_dir), *SMALL]
+    assert main([*argv[:-len(SMALL)], *SMALL, "--parts", "speed"]) == 0
+    data = json.loads((cmp_dir / "compare.json").read_text())
+    assert data["speed_ab"]["labels"] == ["a", "b"] and data["speed_ab"]["rounds"] == 2
+    assert any("interleaved rounds" in n for n in data["notes"])
+    assert "timing a, b together" in capsys.readouterr().out
