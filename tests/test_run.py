@@ -84,6 +84,10 @@ def test_compare_recipes_cli(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "runs" / "comparison" / "pareto.png").exists()
     table = json.loads((tmp_path / "runs" / "comparison" / "compare.json").read_text())
     assert table["labels"] == ["original", "drop1", "heads"]
+    # each recipe's speedup comes from its own A/B rounds beside a fresh original
+    assert table["speed_ab"]["merged_from"] == ["drop1", "heads"]
+    prefill = next(r for r in table["rows"] if r["metric"] == "prefill ms")
+    assert prefill["paired"]["heads"]["test"].startswith("median and IQR of per-round ratios")
 
 
 def test_run_folder_stays_inside_out(tmp_path):

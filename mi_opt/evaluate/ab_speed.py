@@ -195,3 +195,24 @@ def summary_lines(ab: dict) -> list[str]:
         lines.append("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
                      "before trusting the speed rows.")
     return lines
+
+
+def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
+    """One A/B view of several runs' speed_ab results: label -> that run's A/B of (original, model).
+
+    Each ratio still comes from its own rounds (the original timed beside that model); the
+    original's figures shown are the first run's. None when any run lacks an A/B timing.
+    """
+    if not runs or any(ab is None for ab in runs.values()):
+        return None
+    first = next(iter(runs.values()))
+    merged = {**first, "labels": [base_label, *runs], "baseline": base_label,
+              "per_model": {base_label: first["per_model"][first["baseline"]]}, "vs_baseline": {}, "warnings": []}
+    for label, ab in runs.items():
+        model = ab["labels"][1]
+        merged["per_model"][label] = ab["per_model"][model]
+        merged["vs_baseline"][label] = ab["vs_baseline"][model]
+        merged["warnings"] += [f"{label}: {w}" for w in ab["warnings"]]
+    merged["reliable"] = not merged["warnings"]
+    merged["merged_from"] = list(runs)
+    return merged
