@@ -102,7 +102,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
           *(["## Recovery after compression", "", *[f"- {line}" for line in healed[1].summary()], ""]
             if healed else []),
           "## What it cost and what it gained", "",
-          *([line for line in summary_lines(speed_ab)] + [""] if speed_ab else []),
+          *(summary_lines(speed_ab)[1:] + [""] if speed_ab and speed_ab["warnings"] else []),  # before the table
           comparison.to_markdown(), "![pareto](pareto.png)", "",
           "## Why: importance profile", "",
           f"Scorer `{profile.method.get('scorer')}`"

@@ -99,7 +99,9 @@ def _ab_change(ab: dict, label: str, key: str) -> dict:
     ratio = ab["vs_baseline"].get(label, {}).get(key)
     if ratio is None:
         return {"reason": "not in the A/B timing"}
-    return {"change": ratio["median"], "interval": [ratio["q1"], ratio["q3"]],
+    # A speedup counts only when a reliable timing's interquartile range of ratios excludes 1.
+    significant = bool(ab["reliable"] and (ratio["q1"] > 1 or ratio["q3"] < 1))
+    return {"change": ratio["median"], "interval": [ratio["q1"], ratio["q3"]], "significant": significant,
             "test": "median and IQR of per-round ratios, interleaved A/B", "reliable": ab["reliable"]}
 
 
@@ -178,6 +180,9 @@ class Comparison:
                  f"[low, high] = {LEVEL:.0%} interval; * = significant change (p < {1 - LEVEL:.2f}) by a paired test on "
                  "the same items (McNemar for right/wrong scores, paired bootstrap otherwise; perplexity: paired "
                  "over windows); a change without * is within the noise"]
+        if self.speed_ab:
+            notes.append("speed rows: [low, high] = interquartile range over rounds; * = the per-round ratios' "
+                         "IQR excludes x1.00 and the timing was reliable")
         unpaired = sorted({c["reason"] for m in self.rows for c in (m.changes or []) if c and "reason" in c})
         if unpaired:
             notes.append(f"no paired test for some rows: {'; '.join(unpaired)}")

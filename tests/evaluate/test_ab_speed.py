@@ -73,6 +73,15 @@ def test_speedups_are_per_round_ratios():
     assert rows["prefill ms"].values == [pytest.approx(200), pytest.approx(100)]
     assert rows["prefill ms"].relation(1) == pytest.approx(2)
     assert any("interleaved rounds" in n for n in comp.notes())
+    # round 2 was twice as slow for both: the ratio holds, but the timing is flagged and earns no *
+    assert not ab["reliable"] and "orig's decode times vary" in " ".join(ab["warnings"])
+    assert rows["prefill ms"].change(1)["significant"] is False
+    steady = {k: [v[0]] * 3 for k, v in runs.items()}
+    clean = ab_result(["orig", "small"], steady, [["orig", "small"]] * 3, config, STEADY, STEADY)
+    assert clean["reliable"]
+    comp = Comparison(["orig", "small"], [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in range(2)],
+                      speed_ab=clean)
+    assert {m.name: m for m in comp.rows}["prefill ms"].change(1)["significant"] is True
 
 
 def test_measure_ab_on_tiny_models():
