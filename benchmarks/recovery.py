@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mi_opt.artifacts import machine, versions, write_json
+from mi_opt.artifacts import machine, model_fingerprint, versions, write_json
 from mi_opt.data import token_windows
 from mi_opt.evaluate import EvalConfig, evaluate
 from mi_opt.evaluate.perplexity import perplexity
@@ -131,7 +131,8 @@ def plan_for(name: str, model, tokenizer) -> CompressionPlan:
     elif isinstance(PLANS[name], dict) and "profile" in PLANS[name]:
         spec = PLANS[name]
         profile = ImportanceProfile.load(ROOT / spec["profile"])
-        profile.model["fingerprint"] = None  # made before the fingerprint scheme changed; same bundled model
+        # measured before the fingerprint scheme changed, on this same bundled model
+        profile.model["fingerprint"] = model_fingerprint(model)
         plan = make_plan(profile, spec["planner"], spec["options"], model=model)
         plan.save(path)
     elif isinstance(PLANS[name], dict):

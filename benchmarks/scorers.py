@@ -29,7 +29,6 @@ from mi_opt.evaluate import EvalConfig, evaluate
 from mi_opt.models import load_model
 from mi_opt.policy import make_plan
 from mi_opt.policy.cost import ModelCost
-from mi_opt.profile.ablation import AblationConfig, profile_ablation
 from mi_opt.profile.baselines import best_block
 from mi_opt.profile.cost import measured_forward_equivalents
 from mi_opt.profile.importance import ImportanceProfile

@@ -107,13 +107,18 @@ def _hf_dataset(spec: str) -> str:
 def _synthetic(kind: str, n_lines: int = 6000, seed: int = 1234) -> str:
     """Task-style text generated here, for task-aware calibration without touching test items.
 
-    "arithmetic": lines "a + b = c" (a, b below 60), grouped in blocks like few-shot prompts.
+    "arithmetic": lines "a + b = c" (a, b below 60), grouped in blocks like few-shot prompts;
+    no pair of the miopt_arithmetic test items appears, in either order.
     """
+    from mi_opt.evaluate.task_data import held_out_sums
+
     if kind not in SYNTHETIC_KINDS:
         raise MiOptError(f"unknown synthetic corpus {kind!r}; available: synthetic:arithmetic")
     g = torch.Generator().manual_seed(seed)
-    pairs = torch.randint(0, 60, (n_lines, 2), generator=g).tolist()
-    lines = [f"{a} + {b} = {a + b}" for a, b in pairs]
+    held_out = held_out_sums()
+    # Draw with room to spare, then drop test pairs (362 of the 3,600 possible).
+    pairs = [p for p in torch.randint(0, 60, (2 * n_lines, 2), generator=g).tolist() if tuple(p) not in held_out]
+    lines = [f"{a} + {b} = {a + b}" for a, b in pairs[:n_lines]]
     return "\n\n".join("\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4))
 
 

@@ -81,8 +81,11 @@ def _formats(recipe) -> dict[int, str] | None:
     return {w: f"GGUF {t}" for w, t in recipe.export.gguf_options().mapping().items()}
 
 
-def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval, healed=None) -> Path:
-    """healed: (EvalResult, HealRecord) when the recipe heals, shown as a third column."""
+def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, comp_eval, healed=None,
+                 speed_ab: dict | None = None) -> Path:
+    """healed: (EvalResult, HealRecord) when the recipe heals, shown as a third column.
+    speed_ab: the interleaved A/B timing of original and compressed (evaluate/ab_speed.py)."""
+    from mi_opt.evaluate.ab_speed import summary_lines
     from mi_opt.evaluate.compare import Comparison
 
     n_heads = profile.model["heads"]
@@ -90,7 +93,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
     if healed:
         labels.append(f"{recipe.name} healed")
         results.append(healed[0])
-    comparison = Comparison(labels, results)
+    comparison = Comparison(labels, results, speed_ab=speed_ab)
     comparison.write(root)  # compare.md, compare.json, pareto.png
     decision_chart(plan, n_heads, root / "decisions.png")
     figures = [(name, f) for name, f in [("Importance of each head", "heads.png"),
@@ -101,7 +104,9 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
           "![decisions](decisions.png)", "",
           *(["## Recovery after compression", "", *[f"- {line}" for line in healed[1].summary()], ""]
             if healed else []),
-          "## What it cost and what it gained", "", comparison.to_markdown(), "![pareto](pareto.png)", "",
+          "## What it cost and what it gained", "",
+          *(summary_lines(speed_ab)[1:] + [""] if speed_ab and speed_ab["warnings"] else []),  # before the table
+          comparison.to_markdown(), "![pareto](pareto.png)", "",
           "## Why: importance profile", "",
           f"Scorer `{profile.method.get('scorer')}`"
           + (f", {profile.method.get('ablation')} ablation" if profile.method.get("ablation") else "")
@@ -113,6 +118,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
         md += [f"### {title}", "", f"![{title}]({f})", ""]
     md += ["## Recipe", "", "```yaml", recipe.to_yaml().strip(), "```", "",
            "Files: profile.json, plan.json, eval_original.json, eval_compressed.json, compare.json"
+           + (", speed_ab.json" if speed_ab else "") + ", *.lm_eval.json (lm-eval's own results)"
            + (", heal.json, eval_healed.json" if healed else "")
            + (", checkpoint/ (load instructions in checkpoint/README.md)" if (root / "checkpoint").exists() else ""),
            ""]

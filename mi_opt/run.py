@@ -23,8 +23,10 @@ MANIFEST_SCHEMA = "mi-opt/run-stages"
 # What each stage may leave in the run folder, so outputs of a stage that no longer runs (export
 # switched off) are removed even when an older manifest did not list them.
 STAGE_OUTPUTS = {"profile": ("profile.json", "heads.png", "layers.png"), "plan": ("plan.json",),
-                 "eval_original": ("eval_original.json",), "eval_compressed": ("eval_compressed.json",),
-                 "heal": ("heal.json", "healed.safetensors"), "eval_healed": ("eval_healed.json",),
+                 "eval_original": ("eval_original.json", "eval_original.lm_eval.json"),
+                 "eval_compressed": ("eval_compressed.json", "eval_compressed.lm_eval.json"),
+                 "heal": ("heal.json", "healed.safetensors"),
+                 "eval_healed": ("eval_healed.json", "eval_healed.lm_eval.json"), "speed_ab": ("speed_ab.json",),
                  "export": ("checkpoint",)}
 HEAL_WORK = "heal-work-"  # + the heal stage's key: distillation checkpoints while a heal runs
 
@@ -200,7 +202,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
                              trust_task_code=trust_task_code)
         base_eval.save(base_path)
         ran.append("eval_original")
-    write_json(folder.root / "eval_original.json", base_eval.to_dict())
+    base_eval.save(folder.root / "eval_original.json")  # with lm-eval's own results beside it
     folder.mark("eval_original", base_key, ["eval_original.json"])
 
     # 4. apply and evaluate the compressed model; 5. heal it and evaluate again; 6. export it
@@ -211,10 +213,14 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     heal_key = content_hash(plan_key, heal_section) if recipe.heal else None
     healed_key = content_hash(heal_key, sections["evaluate"]) if recipe.heal else None
     export_key = content_hash(plan_key, heal_key, recipe.export.enabled, *([gguf] if gguf else []))
+    # Speed is compared only within one A/B measurement of both models (never the cached baseline's).
+    ab_key = content_hash(plan_key, sections["evaluate"], *([gguf] if gguf else [])) \
+        if "speed" in recipe.evaluate.parts else None
+    need_ab = ab_key is not None and not folder.done("speed_ab", ab_key)
     need_healed = bool(recipe.heal) and not (
         folder.done("heal", heal_key) and folder.done("eval_healed", healed_key)
         and (not recipe.export.enabled or folder.done("export", export_key)))
-    if not folder.done("eval_compressed", compressed_key) or need_healed or (
+    if not folder.done("eval_compressed", compressed_key) or need_healed or need_ab or (
             recipe.export.enabled and not folder.done("export", export_key)):
         from mi_opt.surgery import apply_
 
@@ -243,6 +249,8 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         return result
 
     comp_eval = evaluated("eval_compressed", compressed_key, "compressed", recipe.name)
+    speed_ab = _speed_ab_stage(folder, ab_key, model, recipe, ran, reused, progress, trust_remote_code) \
+        if ab_key else None
     healed = None
     if recipe.heal:
         record = _heal_stage(folder, heal_key, model, tokenizer, recipe, plan, need_healed, ran, reused, progress,
@@ -273,9 +281,32 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
 
     folder.keep_only(ran + reused)
 
-    report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval, healed)
+    report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval, healed, speed_ab)
     _log(f"report: {report}")
     return RunResult(folder.root, report, ran, reused)
+
+
+def _speed_ab_stage(folder: RunFolder, key: str, model, recipe: Recipe, ran: list[str], reused: list[str],
+                    progress: bool, trust_remote_code: bool = False) -> dict:
+    """The original (loaded afresh) and the compressed `model` timed together in interleaved rounds."""
+    from mi_opt.evaluate.ab_speed import SCHEMA, VERSION, measure_ab
+    from mi_opt.models import load_model
+
+    path = folder.root / "speed_ab.json"
+    if folder.done("speed_ab", key):
+        reused.append("speed_ab")
+        return read_json(path, SCHEMA, VERSION)
+    folder.forget("speed_ab")
+    _log("timing the original and the compressed model together (interleaved A/B rounds)")
+    original, _ = load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device,
+                             trust_remote_code=trust_remote_code)
+    ab = measure_ab({"original": original, recipe.name: model}, recipe.evaluate.speed, recipe.evaluate.device,
+                    progress, threads=recipe.evaluate.threads)
+    del original
+    write_json(path, ab)
+    folder.mark("speed_ab", key, [path.name])
+    ran.append("speed_ab")
+    return ab
 
 
 def _remove_heal_work(root: Path, keep: Path | None = None) -> None:

@@ -28,7 +28,11 @@ def _recipe(folder, name="t", parts=("perplexity", "speed"), seed=0, planner=Non
 
 def test_full_run_writes_every_stage_and_a_report(tiny_folder, tmp_path):
     result = run(_recipe(tiny_folder, parts=("perplexity", "tasks", "speed")), tmp_path / "t", progress=False)
-    assert result.stages_run == ["profile", "plan", "eval_original", "eval_compressed", "export"]
+    assert result.stages_run == ["profile", "plan", "eval_original", "eval_compressed", "speed_ab", "export"]
+    ab = json.loads((result.folder / "speed_ab.json").read_text())
+    assert ab["labels"] == ["original", "t"] and ab["schema"] == "mi-opt/speed-ab"
+    assert "interleaved rounds" in result.report.read_text()
+    assert (result.folder / "eval_compressed.lm_eval.json").is_file()
     for name in ("profile.json", "plan.json", "eval_original.json", "eval_compressed.json", "report.md",
                  "report.html", "decisions.png", "pareto.png", "heads.png", "checkpoint/config.json"):
         assert (tmp_path / "t" / name).exists(), name
@@ -80,6 +84,10 @@ def test_compare_recipes_cli(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "runs" / "comparison" / "pareto.png").exists()
     table = json.loads((tmp_path / "runs" / "comparison" / "compare.json").read_text())
     assert table["labels"] == ["original", "drop1", "heads"]
+    # each recipe's speedup comes from its own A/B rounds beside a fresh original
+    assert table["speed_ab"]["merged_from"] == ["drop1", "heads"]
+    prefill = next(r for r in table["rows"] if r["metric"] == "prefill ms")
+    assert prefill["paired"]["heads"]["test"].startswith("median and IQR of per-round ratios")
 
 
 def test_run_folder_stays_inside_out(tmp_path):

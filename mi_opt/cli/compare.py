@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default=None, help="comma list of column names (default: from the paths)")
     p.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.json, pareto.png")
     p.add_argument("--save-evals", action="store_true", help="also write eval-<label>.json for models evaluated here")
+    p.add_argument("--no-ab", action="store_true",
+                   help="do not keep the models given here loaded for an interleaved A/B speed timing "
+                        "(saves memory; speed rows then come from separate runs)")
     add_eval_arguments(p)
 
 
@@ -47,7 +50,7 @@ def _unique(labels: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mi_opt.cli.eval import config_from_args, evaluate_spec
+    from mi_opt.cli.eval import config_from_args, evaluate_loaded
     from mi_opt.evaluate.compare import Comparison
     from mi_opt.evaluate.result import EvalResult
 
@@ -63,14 +66,22 @@ def run(args: argparse.Namespace) -> int:
     # Read every eval.json first: a typo in the last one should not cost the evaluations before it.
     results: list = [EvalResult.load(f) if (f := _eval_file(i)) else None for i in args.items]
     config = config_from_args(args) if None in results else None
+    # Speed is timed A/B (the models given here together, interleaved) when the baseline is one of
+    # them: the models stay loaded until then.
+    want_ab = not args.no_ab and config is not None and "speed" in config.parts and results[0] is None
+    ab_models = {}
     for i, item in enumerate(args.items):
         if results[i] is None:
             print(f"evaluating {item} ...")
-            results[i] = evaluate_spec(item, args, config)
-            gc.collect()  # release this model before the next one is loaded and measured
+            results[i], model = evaluate_loaded(item, args, config)
+            if want_ab:
+                ab_models[labels[i]] = model
+            del model
+            gc.collect()  # release a model not kept for the A/B timing before the next one is loaded
             if args.save_evals:
                 print(f"eval: {results[i].save(out / f'eval-{labels[i]}.json')}")
-    comparison = Comparison(labels, results)
+    speed_ab = _speed_ab(ab_models, config, args) if ab_models and len(ab_models) > 1 else None
+    comparison = Comparison(labels, results, speed_ab=speed_ab)
     paths = comparison.write(out)
     print(comparison.to_text())
     print()
@@ -81,3 +92,11 @@ def run(args: argparse.Namespace) -> int:
               "ones may include memory the allocator kept from earlier ones. For memory figures, run "
               "`mi-opt eval` per model and compare the eval.json files.")
     return 0
+
+
+def _speed_ab(models: dict, config, args: argparse.Namespace) -> dict:
+    from mi_opt.evaluate.ab_speed import measure_ab
+
+    print(f"timing {', '.join(models)} together (interleaved A/B rounds) ...")
+    device = None if args.device == "auto" else args.device
+    return measure_ab(models, config.speed, device, threads=config.threads)

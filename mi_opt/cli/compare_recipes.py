@@ -20,12 +20,18 @@ def compare_runs(folders: list[Path], out: Path) -> dict:
     from mi_opt.evaluate import EvalResult
     from mi_opt.evaluate.compare import Comparison
 
+    from mi_opt.artifacts import read_json
+    from mi_opt.evaluate.ab_speed import SCHEMA, VERSION, merge_runs
+
     base = EvalResult.load(folders[0] / "eval_original.json")
     labels, results = ["original"], [base]
     for folder in folders:
         labels.append(folder.name)
         results.append(EvalResult.load(folder / "eval_compressed.json"))
-    comparison = Comparison(labels, results)
+    # Each run timed its model beside a fresh original: its speedup comes from those rounds.
+    speed = {f.name: read_json(f / "speed_ab.json", SCHEMA, VERSION) if (f / "speed_ab.json").is_file() else None
+             for f in folders}
+    comparison = Comparison(labels, results, speed_ab=merge_runs("original", speed))
     paths = comparison.write(out)
     print(comparison.to_text())
     print(f"comparison: {paths['markdown']}  plot: {paths['plot']}")

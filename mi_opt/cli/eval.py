@@ -19,7 +19,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="perplexity windows per forward")
     g.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help="comma list: mi-opt task names, task .yaml paths, or lm-eval task names (need a network)")
-    g.add_argument("--limit", type=int, default=30, help="items per task (0 = all)")
+    g.add_argument("--limit", type=int, default=0,
+                   help="items per task (default 0 = all; a limit widens every interval: quick runs only)")
     g.add_argument("--task-batch-size", type=int, default=8)
     g.add_argument("--speed-batch", type=int, default=1, help="sequences per speed run")
     g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill timing")
@@ -96,6 +97,11 @@ def load_any(spec: str, dtype: str = "fp32", device: str = "cpu", trust_remote_c
 
 def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
     """Load a model by spec and evaluate it with the settings in args (or `config`)."""
+    return evaluate_loaded(spec, args, config)[0]
+
+
+def evaluate_loaded(spec: str, args: argparse.Namespace, config=None):
+    """(EvalResult, model): as evaluate_spec, keeping the model for a later A/B timing."""
     from mi_opt.evaluate import evaluate
 
     config = config or config_from_args(args)
@@ -105,7 +111,7 @@ def evaluate_spec(spec: str, args: argparse.Namespace, config=None):
     result.model["dtype_loaded"] = args.dtype
     if on_disk is not None and on_disk.is_file() and result.speed:  # a GGUF: its bytes on disk are the file
         result.speed.update(size_bytes=on_disk.stat().st_size, size_kind="disk (gguf)")
-    return result
+    return result, model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,10 +137,16 @@ def summary(result) -> str:
     lines = []
     if result.perplexity:
         p = result.perplexity
-        lines.append(f"perplexity {p['perplexity']:.3f}  bits/byte {p['bits_per_byte']:.4f}  "
+        spread = f" [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}]" if p.get("interval") else ""
+        lines.append(f"perplexity {p['perplexity']:.3f}{spread}  bits/byte {p['bits_per_byte']:.4f}  "
                      f"({p['n_tokens']} tokens of {p['source']!r}, evaluation split)")
     for name, t in result.tasks.items():
-        lines.append(f"{name}: {t['primary']} {t['metrics'][t['primary']]:.3f} (n={t['n']}, {t['num_fewshot']}-shot)")
+        score = t.get("score")
+        spread = f" [{score['interval'][0]:.3f}, {score['interval'][1]:.3f}]" if score else ""
+        lines.append(f"{name}: {t['primary']} {t['metrics'][t['primary']]:.3f}{spread} "
+                     f"(n={t['n']}, {t['num_fewshot']}-shot)")
+    if result.perplexity or result.tasks:
+        lines.append("[low, high]: 95% interval (exact binomial for right/wrong scores; perplexity across windows)")
     if result.speed:
         s = result.speed
         lines.append(f"prefill {s['prefill_ms']['median']:.1f} ms  ttft {s['ttft_ms']['median']:.1f} ms  "

@@ -22,7 +22,7 @@ __all__ = ["evaluate", "EvalConfig", "SpeedConfig", "EvalResult", "DEFAULT_TASKS
 
 
 @contextmanager
-def _threads(n: int | None) -> Iterator[int]:
+def torch_threads(n: int | None) -> Iterator[int]:
     # torch's thread count is process-wide: set it for the evaluation only, then restore it.
     before = torch.get_num_threads()
     if n is not None:
@@ -48,7 +48,7 @@ def evaluate(model: nn.Module | LoadedModel, tokenizer, config: EvalConfig | Non
     device = config.device
     # A misspelled task should fail now, not after minutes of perplexity.
     resolved = resolve_tasks(config.tasks, trust_task_code) if "tasks" in config.parts else None
-    with _threads(config.threads) as threads:
+    with torch_threads(config.threads) as threads:
         settings = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as eval.json holds them
         settings["threads"] = threads
         result = EvalResult(model=loaded.info.evaluated(spec), settings=settings)
@@ -59,8 +59,9 @@ def evaluate(model: nn.Module | LoadedModel, tokenizer, config: EvalConfig | Non
             result.wall_time_s["perplexity"] = round(time.perf_counter() - started, 2)
         if "tasks" in config.parts:
             started = time.perf_counter()
+            result.lm_eval_results = {}
             result.tasks = run_tasks(model, tokenizer, config.tasks, config.task_limit, config.task_batch_size,
-                                     device, config.seed, resolved, trust_task_code)
+                                     device, config.seed, resolved, trust_task_code, raw=result.lm_eval_results)
             result.wall_time_s["tasks"] = round(time.perf_counter() - started, 2)
         if "speed" in config.parts:
             started = time.perf_counter()

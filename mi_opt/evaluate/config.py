@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from mi_opt.errors import MiOptError
 
 PARTS = ("perplexity", "tasks", "speed")
-# The shipped offline tasks (mi_opt/tasks/*.yaml): one multiple-choice and two generative,
-# because compression hurts generation far more than multiple choice.
-DEFAULT_TASKS = ("miopt_facts_mc", "miopt_arithmetic", "miopt_capitals")
+# The shipped offline tasks (mi_opt/tasks/*.yaml): one multiple-choice and four generative of
+# different kinds (computation, recall, in-context copying, sequences), because compression
+# hurts generation far more than multiple choice.
+DEFAULT_TASKS = ("miopt_facts_mc", "miopt_arithmetic", "miopt_capitals", "miopt_name_lookup", "miopt_sequences")
 
 
 @dataclass
@@ -42,7 +43,7 @@ class EvalConfig:
     seed: int = 0
     # tasks: local mi-opt task names, paths to task YAML files, or lm-eval task names
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    task_limit: int | None = 30               # items per task; None = all (about 60 each)
+    task_limit: int | None = None             # items per task; None = all (about 200 each): quick runs only
     task_batch_size: int = 8
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     threads: int | None = None                # torch threads during evaluation; None = current

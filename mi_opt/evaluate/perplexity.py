@@ -5,6 +5,7 @@ UTF-8 bytes of the predicted text, so models with different tokenizers can be co
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from mi_opt.arch import get_adapter
 from mi_opt.data import token_windows
+from mi_opt.evaluate.stats import perplexity_summary
 
 # Positions whose logits exist at once: the full (batch, seq, vocab) tensor of a 49k-vocabulary
 # model is hundreds of MB in fp32, while its final hidden states are a few MB.
@@ -66,7 +68,18 @@ def perplexity(model, tokenizer, source: str = "handbook", n_samples: int = 16, 
     nll = window_nll(model, windows, batch_size, progress)
     total = float(nll.double().sum())
     n_bytes = predicted_bytes(tokenizer, windows)
+    # Per-window sums keep the result pairable: two models on the same windows (same windows_hash)
+    # are compared window by window (evaluate/paired.py), which is far tighter than two intervals.
+    window_sums = [float(x) for x in nll.double().sum(dim=1)]
+    window_tokens = [nll.shape[1]] * nll.shape[0]
     return {"perplexity": math.exp(total / nll.numel()), "nll_mean": total / nll.numel(),
+            **perplexity_summary(window_sums, window_tokens),
             "bits_per_byte": total / math.log(2) / n_bytes, "n_tokens": nll.numel(), "n_bytes": n_bytes,
             "source": source, "split": "evaluation", "n_samples": n_samples, "seq_len": seq_len,
-            "seed": seed}
+            "seed": seed, "windows_hash": windows_hash(windows), "window_nll_sum": window_sums,
+            "window_tokens": window_tokens}
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """Digest of the token ids evaluated: equal digests mean the same windows, so pairing is valid."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -23,13 +23,16 @@ from mi_opt.evaluate.config import SpeedConfig
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+def median_spread(values: list[float]) -> dict:
+    """Median, quartiles (the interquartile range is the spread reports show) and extremes."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values),
+            "n": len(values)}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -97,26 +100,26 @@ class _PeakMemory:
         self.value = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
+def forward_kwargs(model: nn.Module) -> dict:
     # Serving computes logits for the last position only; transformers exposes that as
     # logits_to_keep on most families (a 49k-vocabulary head is a third of a forward).
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def _one_run(model, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[float, float, float]:
+def timed_generation(model, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[float, float, float]:
     """(prefill s, time to first token s, decode s for new_tokens - 1 tokens) of one run."""
     device = ids.device
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     model(input_ids=ids, use_cache=False, **extra)
-    _sync(device)
+    sync_device(device)
     prefill = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, **extra)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
+    sync_device(device)
     ttft = time.perf_counter() - t0
 
     # transformers 5 names the KV cache `cache` (past_key_values is a deprecated alias).
@@ -126,14 +129,13 @@ def _one_run(model, ids: torch.Tensor, new_tokens: int, extra: dict) -> tuple[fl
         out = model(input_ids=token, cache=cache, use_cache=True, **extra)
         cache = out.cache
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
+    sync_device(device)
     return prefill, ttft, time.perf_counter() - t0
 
 
-def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: str | Path | None = None,
-                  device: str | torch.device | None = None, progress: bool = True) -> dict:
-    """Prefill latency, time to first token, decode tokens/s, peak memory, parameters and size."""
-    config = config or SpeedConfig()
+def speed_prompt(model: nn.Module, config: SpeedConfig, device: str | torch.device | None = None
+                 ) -> tuple[torch.device, torch.Tensor]:
+    """(device, seeded random prompt ids) for timing `model`; the same config gives the same ids."""
     adapter = get_adapter(model)
     device = torch.device(device) if device is not None else adapter.embedding().weight.device
     max_pos = adapter.max_positions()
@@ -144,21 +146,36 @@ def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: s
                          f"the model's context of {max_pos} tokens; lower them")
     vocab = adapter.embedding().weight.shape[0]
     gen = torch.Generator().manual_seed(config.seed)
-    ids = torch.randint(0, vocab, (config.batch_size, config.prompt_len), generator=gen).to(device)
-    extra = _forward_kwargs(model)
+    return device, torch.randint(0, vocab, (config.batch_size, config.prompt_len), generator=gen).to(device)
+
+
+TIMING_KEYS = ("prefill_ms", "ttft_ms", "decode_tokens_per_s", "decode_ms_per_token")
+
+
+def timing_summaries(runs: list[tuple[float, float, float]], config: SpeedConfig) -> dict:
+    """The TIMING_KEYS summaries of timed runs (prefill s, ttft s, decode s) of one model."""
+    prefill, ttft, decode = zip(*runs)
+    decoded = config.batch_size * (config.new_tokens - 1)
+    return {"prefill_ms": median_spread([t * 1e3 for t in prefill]),
+            "ttft_ms": median_spread([t * 1e3 for t in ttft]),
+            "decode_tokens_per_s": median_spread([decoded / t for t in decode]),
+            "decode_ms_per_token": median_spread([t * 1e3 / (config.new_tokens - 1) for t in decode])}
+
+
+def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: str | Path | None = None,
+                  device: str | torch.device | None = None, progress: bool = True) -> dict:
+    """Prefill latency, time to first token, decode tokens/s, peak memory, parameters and size."""
+    config = config or SpeedConfig()
+    device, ids = speed_prompt(model, config, device)
+    extra = forward_kwargs(model)
     runs = []
     with torch.inference_mode(), _PeakMemory(device) as peak:
         for i in tqdm(range(config.warmup + config.repetitions), desc="speed", unit="run", disable=not progress):
-            timing = _one_run(model, ids, config.new_tokens, extra)
+            timing = timed_generation(model, ids, config.new_tokens, extra)
             if i >= config.warmup:
                 runs.append(timing)
-    prefill, ttft, decode = zip(*runs)
-    decoded = config.batch_size * (config.new_tokens - 1)
     result = {
-        "prefill_ms": _summary([t * 1e3 for t in prefill]),
-        "ttft_ms": _summary([t * 1e3 for t in ttft]),
-        "decode_tokens_per_s": _summary([decoded / t for t in decode]),
-        "decode_ms_per_token": _summary([t * 1e3 / (config.new_tokens - 1) for t in decode]),
+        **timing_summaries(runs, config),
         "peak_memory_bytes": peak.value, "peak_memory_kind": peak.kind,
         "parameters": count_parameters(model), "memory_bytes": memory_bytes(model),
         "device": str(device), "threads": torch.get_num_threads(),

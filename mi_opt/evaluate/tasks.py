@@ -20,11 +20,13 @@ import torch
 import yaml
 
 from mi_opt.errors import MiOptError
+from mi_opt.evaluate.stats import score_summary
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "tasks"
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
 REQUIRED = ("task", "dataset_path", "output_type", "doc_to_text", "doc_to_target")
 N_EXAMPLES = 3  # model outputs kept per task in eval.json, so a score can be sanity-checked
+LM_EVAL_BOOTSTRAP = 1000  # lm-eval's resamples for the stderr of metrics that are not plain means
 
 
 TRUST_HINT = "pass --trust-task-code only if you trust the file's author"
@@ -154,11 +156,13 @@ def _clean(value):
 
 def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int | None = None,
               batch_size: int = 8, device: str | torch.device | None = None, seed: int = 0,
-              resolved: tuple | None = None, trust_task_code: bool = False) -> dict:
-    """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, ...}}.
+              resolved: tuple | None = None, trust_task_code: bool = False, raw: dict | None = None) -> dict:
+    """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, "score": interval,
+    "items": per-item primary scores, ...}}.
 
     resolved: resolve_tasks(names) done earlier (evaluate() checks names before any work).
     trust_task_code: render task files from outside mi_opt/tasks without Jinja's sandbox.
+    raw: a dict that receives lm-eval's own results (samples left out), for lm-eval's tooling.
     """
     from contextlib import nullcontext
 
@@ -178,8 +182,9 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
               device=str(device) if device is not None else None)
     try:
         with sandboxed_templates() if untrusted else nullcontext():
+            # bootstrap_iters > 0 makes lm-eval fill its own *_stderr (closed form for mean metrics).
             out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
-                                  bootstrap_iters=0, log_samples=True, gen_kwargs={"do_sample": False},
+                                  bootstrap_iters=LM_EVAL_BOOTSTRAP, log_samples=True, gen_kwargs={"do_sample": False},
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed)
     except SecurityError as err:
@@ -189,6 +194,8 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
     except (FileNotFoundError, ConnectionError) as err:
         raise MiOptError(f"lm-eval could not load a task's data ({err}); standard lm-eval tasks need a "
                          f"network, mi-opt's own tasks ({', '.join(local_tasks())}) do not") from err
+    if raw is not None:
+        raw.update({k: v for k, v in out.items() if k != "samples"})
     return _collect(out)
 
 
@@ -218,9 +225,24 @@ def _collect(out: dict) -> dict:
             prompt = sample["arguments"][0][0] if sample.get("arguments") else ""
             examples.append({"prompt_end": str(prompt)[-120:], "target": str(sample.get("target")),
                              "response": _response(sample), primary: sample.get(primary)})
+        items = _items(out, task, primary)
         results[task] = {"metrics": metrics, "primary": primary,
+                         **({"score": score_summary(items["score"]), "items": items} if items["score"] else {}),
+                         "lm_eval_stderr": _clean(row.get(f"{primary}_stderr,{_filter_of(row, primary)}")),
                          "higher_is_better": {m: bool(hib.get(m, True)) for m in metrics},
                          "n": int(out.get("n-samples", {}).get(task, {}).get("effective", row.get("sample_len", 0)) or 0),
                          "num_fewshot": out.get("n-shot", {}).get(task), "output_type": config.get("output_type"),
                          "examples": examples}
     return results
+
+
+def _filter_of(row: dict, metric: str) -> str:
+    return next((k.partition(",")[2] for k in row if k.partition(",")[0] == metric), "none")
+
+
+def _items(out: dict, task: str, primary: str) -> dict:
+    """Per-item primary scores in doc order, with each prompt's hash: what pairs two models' items."""
+    samples = sorted((out.get("samples") or {}).get(task, []), key=lambda s: s["doc_id"])
+    rows = [(s["doc_id"], float(s[primary]), str(s.get("prompt_hash", ""))[:16]) for s in samples
+            if _clean(s.get(primary)) is not None]
+    return {"doc_id": [r[0] for r in rows], "score": [r[1] for r in rows], "prompt_hash": [r[2] for r in rows]}

@@ -21,11 +21,15 @@ def test_eval_then_compare(folder, tmp_path, capsys):
     out = tmp_path / "runs" / "base" / "eval.json"
     assert main(["eval", folder, "--out", str(out), *SMALL]) == 0
     data = json.loads(out.read_text())
-    assert data["schema"] == "mi-opt/eval" and data["version"] == 1 and "torch" in data["versions"]
+    assert data["schema"] == "mi-opt/eval" and data["version"] == 2 and "torch" in data["versions"]
     assert data["settings"]["threads"] == 1 and data["settings"]["task_limit"] == 2
     assert set(data["tasks"]) == {"miopt_facts_mc", "miopt_arithmetic"}
     assert data["speed"]["size_kind"] == "disk" and data["model"]["spec"] == folder
     assert "perplexity" in capsys.readouterr().out
+    # lm-eval's own results beside eval.json, in lm-eval's shape
+    lm_eval = json.loads((out.parent / "eval.lm_eval.json").read_text())
+    assert set(lm_eval["results"]) == {"miopt_facts_mc", "miopt_arithmetic"} and "n-shot" in lm_eval
+    assert data["tasks"]["miopt_arithmetic"]["items"]["doc_id"] == [0, 1]
 
     cmp_dir = tmp_path / "cmp"
     # a run folder holding eval.json, and the same model evaluated on the fly with the same settings
@@ -36,6 +40,9 @@ def test_eval_then_compare(folder, tmp_path, capsys):
     rows = {r["metric"]: r for r in table["rows"]}
     assert rows["perplexity"]["vs_baseline"]["again"] == pytest.approx(0.0, abs=1e-9)
     assert rows["miopt_facts_mc acc"]["vs_baseline"]["again"] == 0
+    # the same model twice: paired tests run and find nothing
+    assert rows["perplexity"]["paired"]["again"]["significant"] is False
+    assert rows["miopt_facts_mc acc"]["paired"]["again"]["p_value"] == 1.0
     assert (cmp_dir / "compare.md").read_text().startswith("| metric | base | again |")
     assert (cmp_dir / "pareto.png").stat().st_size > 1000
 
@@ -84,3 +91,13 @@ def test_eval_of_a_task_file_whose_template_runs_code(folder, tmp_path, capsys):
     assert code == 2 and not pwned.exists() and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mi-opt eval: error:") and "reaches Python internals" in err and "--trust-task-code" in err
+
+
+def test_compare_models_times_them_together(folder, tmp_path, capsys):
+    cmp_dir = tmp_path / "ab"
+    argv = ["compare", folder, folder, "--labels", "a,b", "--out", str(cmp_dir), *SMALL]
+    assert main([*argv[:-len(SMALL)], *SMALL, "--parts", "speed"]) == 0
+    data = json.loads((cmp_dir / "compare.json").read_text())
+    assert data["speed_ab"]["labels"] == ["a", "b"] and data["speed_ab"]["rounds"] == 2
+    assert any("interleaved rounds" in n for n in data["notes"])
+    assert "timing a, b together" in capsys.readouterr().out

@@ -64,3 +64,44 @@ def test_pareto_front():
     pts = [(1, 0.5), (2, 0.6), (3, 0.55), (0.5, 0.1)]
     assert _front(pts, higher_is_better=True) == [(0.5, 0.1), (1, 0.5), (2, 0.6)]
     assert _front([(1, 10.0), (2, 8.0), (3, 9.0)], higher_is_better=False) == [(1, 10.0), (2, 8.0)]
+
+
+def _itemized(scores, nll):
+    from mi_opt.evaluate.stats import perplexity_summary, score_summary
+
+    n = len(scores)
+    task = {"metrics": {"exact_match": sum(scores) / n}, "primary": "exact_match",
+            "higher_is_better": {"exact_match": True}, "n": n, "score": score_summary(scores),
+            "items": {"doc_id": list(range(n)), "score": list(scores), "prompt_hash": [f"h{i}" for i in range(n)]}}
+    tokens = [31] * len(nll)
+    ppl = {"perplexity": 2.718 ** (sum(nll) / sum(tokens)), "bits_per_byte": 1.0, "windows_hash": "w",
+           "window_nll_sum": list(nll), "window_tokens": tokens, **perplexity_summary(nll, tokens)}
+    return EvalResult(model={"spec": "m"}, settings={}, perplexity=ppl, tasks={"t": task})
+
+
+def test_identical_itemized_results_show_intervals_and_no_significance():
+    scores, nll = [1, 0] * 50, [90.0 + i % 7 for i in range(16)]
+    comp = Comparison(["a", "b"], [_itemized(scores, nll), _itemized(scores, nll)])
+    rows = {m.name: m for m in comp.rows}
+    assert rows["t exact_match"].interval(0) and not rows["t exact_match"].change(1)["significant"]
+    assert not rows["perplexity"].change(1)["significant"] and not rows["task mean"].change(1)["significant"]
+    table = comp.to_text().split("\n\n")[0]
+    assert " *" not in table and "[" in table
+
+
+def test_a_real_loss_is_marked_significant(tmp_path):
+    base, worse = [1] * 80 + [0] * 20, [0] * 40 + [1] * 40 + [0] * 20
+    nll = [90.0 + i % 7 for i in range(16)]
+    comp = Comparison(["a", "b"], [_itemized(base, nll), _itemized(worse, [x + 20 for x in nll])])
+    rows = {m.name: m for m in comp.rows}
+    assert rows["t exact_match"].change(1)["significant"] and rows["perplexity"].change(1)["significant"]
+    assert rows["t exact_match"].relation(1) == pytest.approx(-0.4)
+    assert ") *" in comp.to_markdown()
+    data = json.loads(comp.write(tmp_path)["json"].read_text())
+    row = next(r for r in data["rows"] if r["metric"] == "t exact_match")
+    assert row["paired"]["b"]["test"] == "mcnemar" and row["intervals"]["a"][0] < 0.8 < row["intervals"]["a"][1]
+
+
+def test_version_1_results_compare_without_a_verdict():
+    comp = Comparison(["a", "b"], [_result(), _result(acc=0.3)])
+    assert any("no per-item results" in n for n in comp.notes())

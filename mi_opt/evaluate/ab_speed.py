@@ -1,0 +1,219 @@
+"""Speed measured A/B: the original and each compressed model timed in the same process, in
+interleaved rounds, so a speedup is never a comparison with numbers taken at another moment.
+
+Each round times every model once, the order rotated from round to round (no model is always
+first, or always right after another's caches); after untimed warm-up runs of each. A speedup is
+the median of per-round ratios (base / model in the same round), with its interquartile range.
+A short fixed calibration kernel runs before and after the rounds: if it slows down, varies, or
+the load average says other work competes for the CPUs, the result says so in words.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mi_opt.artifacts import now
+from mi_opt.errors import MiOptError
+from mi_opt.evaluate.config import SpeedConfig
+from mi_opt.evaluate.speed import (TIMING_KEYS, forward_kwargs, median_spread, speed_prompt, sync_device,
+                                   timed_generation, timing_summaries)
+
+SCHEMA = "mi-opt/speed-ab"
+VERSION = 1
+# Ratio rows: metric -> (name of the ratio, True when a larger raw value is faster).
+RATIOS = {"prefill_ms": ("prefill speedup", False), "ttft_ms": ("time to first token speedup", False),
+          "decode_tokens_per_s": ("decode speedup", True), "decode_ms_per_token": ("decode speedup", False)}
+
+
+@dataclass
+class Reliability:
+    """When timings are not to be trusted. Spreads are interquartile range / median."""
+
+    spread_limit: float = 0.15      # a model's or the kernel's own round-to-round spread
+    drift_limit: float = 0.15       # kernel median after the rounds vs before
+    load_margin: float = 0.5        # load average above (CPUs + margin): other work is running
+
+
+def interleaved(runners: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                progress: bool = False) -> tuple[dict[str, list], list[list[str]]]:
+    """({label: [result of each timed call]}, order of the labels in each round).
+
+    Every runner is called `warmup` times untimed first; round r starts at label r mod n.
+    """
+    labels = list(runners)
+    if not labels or rounds < 1:
+        raise MiOptError(f"an A/B timing needs at least one model and one round (got {len(labels)}, {rounds})")
+    for label in labels:
+        for _ in range(warmup):
+            runners[label]()
+    out, order = {label: [] for label in labels}, []
+    for r in tqdm(range(rounds), desc="speed A/B", unit="round", disable=not progress):
+        turn = labels[r % len(labels):] + labels[:r % len(labels)]
+        order.append(turn)
+        for label in turn:
+            out[label].append(runners[label]())
+    return out, order
+
+
+def calibration_kernel(reps: int = 7, size: int = 256, device: torch.device | str = "cpu") -> list[float]:
+    """Seconds per rep of a fixed matrix-multiply loop: the same work every time, so a change in
+    its time is a change in the machine, not in a model."""
+    device = torch.device(device)
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):  # the first rep warms up and is dropped
+            sync_device(device)
+            t0 = time.perf_counter()
+            b = a
+            for _ in range(20):
+                b = torch.tanh(b @ a * (1.0 / size))
+            sync_device(device)
+            times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def _spread(values: list[float]) -> float:
+    s = median_spread(values)
+    return (s["q3"] - s["q1"]) / s["median"] if s["median"] else 0.0
+
+
+def reliability_warnings(kernel_before: list[float], kernel_after: list[float], model_times: dict[str, list[float]],
+                         load: tuple[float, int] | None = None, limits: Reliability | None = None) -> list[str]:
+    """Sentences saying why these timings are unreliable; none when they look trustworthy.
+
+    kernel_before / kernel_after: calibration kernel seconds per rep; model_times: label -> seconds
+    of each round (decode); load: (1-minute load average, CPU count) after the rounds.
+    """
+    limits = limits or Reliability()
+    out = []
+    before, after = statistics.median(kernel_before), statistics.median(kernel_after)
+    drift = after / before - 1
+    if abs(drift) > limits.drift_limit:
+        out.append(f"the calibration kernel ran {abs(drift):.0%} {'slower' if drift > 0 else 'faster'} after "
+                   "the timing rounds than before: the machine's load changed while models were timed")
+    spread = _spread(kernel_before + kernel_after)
+    if spread > limits.spread_limit:
+        out.append(f"the calibration kernel's own times vary by {spread:.0%} (interquartile range / median): "
+                   "other work is competing for this machine")
+    for label, times in model_times.items():
+        s = _spread(times)
+        if s > limits.spread_limit:
+            out.append(f"{label}'s decode times vary by {s:.0%} across rounds")
+    if load is not None and load[0] > load[1] + limits.load_margin:
+        out.append(f"the load average was {load[0]:.1f} on {load[1]} CPUs: other processes were running")
+    return out
+
+
+def _ratio(base: list[float], other: list[float], higher_is_faster: bool) -> dict:
+    per_round = [(o / b if higher_is_faster else b / o) for b, o in zip(base, other)]
+    return median_spread(per_round)
+
+
+def measure_ab(models: dict[str, nn.Module], config: SpeedConfig | None = None,
+               device: str | torch.device | None = None, progress: bool = True,
+               limits: Reliability | None = None, threads: int | None = None) -> dict:
+    """Time every model (the first is the baseline) in interleaved rounds; see the module doc.
+
+    config.repetitions is the number of rounds and config.warmup the untimed runs per model.
+    Returns the speed-ab artifact: per-model timing summaries, per-round ratios vs the baseline,
+    the calibration kernel's times, and `warnings` in words (empty when the timings look sound).
+    """
+    config = config or SpeedConfig()
+    labels = list(models)
+    prompts = {label: speed_prompt(m, config, device) for label, m in models.items()}
+    extras = {label: forward_kwargs(m) for label, m in models.items()}
+    kernel_device = prompts[labels[0]][0]
+
+    def runner(label: str) -> Callable[[], tuple[float, float, float]]:
+        return lambda: timed_generation(models[label], prompts[label][1], config.new_tokens, extras[label])
+
+    from mi_opt.evaluate import torch_threads  # the same thread setting as evaluate(), restored after
+
+    with torch.inference_mode(), torch_threads(threads):
+        before = calibration_kernel(device=kernel_device)
+        runs, order = interleaved({label: runner(label) for label in labels}, config.repetitions, config.warmup,
+                                  progress)
+        after = calibration_kernel(device=kernel_device)
+        load = (os.getloadavg()[0], os.cpu_count() or 1) if hasattr(os, "getloadavg") else None
+        return ab_result(labels, runs, order, config, before, after, load, limits, str(kernel_device))
+
+
+def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]]], order: list[list[str]],
+              config: SpeedConfig, kernel_before: list[float], kernel_after: list[float],
+              load: tuple[float, int] | None = None, limits: Reliability | None = None, device: str = "cpu") -> dict:
+    """The speed-ab artifact from recorded timings (runs: label -> (prefill, ttft, decode) s per round)."""
+    per_model = {label: timing_summaries(runs[label], config) for label in labels}
+    raw = {label: {key: [_per_round(t, key, config) for t in runs[label]] for key in TIMING_KEYS} for label in labels}
+    base = labels[0]
+    ratios = {label: {key: _ratio(raw[base][key], raw[label][key], RATIOS[key][1]) for key in TIMING_KEYS}
+              for label in labels[1:]}
+    warnings = reliability_warnings(kernel_before, kernel_after, {lb: [t[2] for t in runs[lb]] for lb in labels},
+                                    load, limits)
+    return {"schema": SCHEMA, "version": VERSION, "labels": labels, "baseline": base, "rounds": len(order),
+            "warmup": config.warmup, "order": order, "threads": torch.get_num_threads(), "device": device,
+            "settings": {"batch_size": config.batch_size, "prompt_len": config.prompt_len,
+                         "new_tokens": config.new_tokens, "seed": config.seed},
+            "per_model": per_model, "vs_baseline": ratios,
+            "calibration_kernel_ms": {"before": median_spread([t * 1e3 for t in kernel_before]),
+                                      "after": median_spread([t * 1e3 for t in kernel_after])},
+            "load_average": load[0] if load else None, "cpus": load[1] if load else None,
+            "reliable": not warnings, "warnings": warnings, "created": now()}
+
+
+def _per_round(timing: tuple[float, float, float], key: str, config: SpeedConfig) -> float:
+    prefill, ttft, decode = timing
+    if key == "prefill_ms":
+        return prefill * 1e3
+    if key == "ttft_ms":
+        return ttft * 1e3
+    if key == "decode_tokens_per_s":
+        return config.batch_size * (config.new_tokens - 1) / decode
+    return decode * 1e3 / (config.new_tokens - 1)
+
+
+def apply_ab(results: list, labels: list[str], ab: dict) -> None:
+    """Replace the timing figures of each EvalResult with its A/B figures (memory and size stay)."""
+    for label, result in zip(labels, results):
+        if label in ab["per_model"] and result.speed is not None:
+            result.speed.update(ab["per_model"][label])
+            result.speed["timing"] = "interleaved A/B"
+
+
+def summary_lines(ab: dict) -> list[str]:
+    """Report sentences: how the timing was done, and any reliability warning."""
+    lines = [f"Speed: {', '.join(ab['labels'])} timed in the same process, {ab['rounds']} interleaved rounds "
+             f"after {ab['warmup']} warm-up run(s) each, {ab['threads']} thread(s) on {ab['device']}; "
+             "speedups are medians of per-round ratios, [low, high] their interquartile range."]
+    if ab["warnings"]:
+        lines.append("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
+                     "before trusting the speed rows.")
+    return lines
+
+
+def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
+    """One A/B view of several runs' speed_ab results: label -> that run's A/B of (original, model).
+
+    Each ratio still comes from its own rounds (the original timed beside that model); the
+    original's figures shown are the first run's. None when any run lacks an A/B timing.
+    """
+    if not runs or any(ab is None for ab in runs.values()):
+        return None
+    first = next(iter(runs.values()))
+    merged = {**first, "labels": [base_label, *runs], "baseline": base_label,
+              "per_model": {base_label: first["per_model"][first["baseline"]]}, "vs_baseline": {}, "warnings": []}
+    for label, ab in runs.items():
+        model = ab["labels"][1]
+        merged["per_model"][label] = ab["per_model"][model]
+        merged["vs_baseline"][label] = ab["vs_baseline"][model]
+        merged["warnings"] += [f"{label}: {w}" for w in ab["warnings"]]
+    merged["reliable"] = not merged["warnings"]
+    merged["merged_from"] = list(runs)
+    return merged

@@ -1,0 +1,43 @@
+"""Paired changes between two EvalResults: the same items (tasks) or windows (perplexity) on
+both sides, matched by what was asked, never by position alone.
+
+A change is paired only when both results hold per-item results (eval.json version 2) for the
+same prompts; otherwise the reason is returned instead, and reports print the values without a
+significance verdict rather than guess one.
+"""
+from __future__ import annotations
+
+from mi_opt.evaluate.stats import paired_change, paired_perplexity_change
+
+
+def task_items(task: dict) -> dict[tuple[int, str], float]:
+    """(doc_id, prompt hash) -> primary score of one task's result; empty for version-1 results."""
+    items = task.get("items") or {}
+    return {(d, h): s for d, h, s in zip(items.get("doc_id", []), items.get("prompt_hash", []), items.get("score", []))}
+
+
+def task_change(base: dict | None, other: dict | None) -> dict:
+    """Paired change of a task's primary score, or {"reason": why not}."""
+    if not base or not other:
+        return {"reason": "task not measured on both"}
+    a, b = task_items(base), task_items(other)
+    if not a or not b:
+        return {"reason": "no per-item results (eval.json from mi-opt before version 2)"}
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return {"reason": "no item in common (different items or prompts)"}
+    out = paired_change([a[k] for k in shared], [b[k] for k in shared])
+    if len(shared) < max(len(a), len(b)):
+        out["note"] = f"paired on the {len(shared)} items both measured"
+    return out
+
+
+def perplexity_change(base: dict | None, other: dict | None) -> dict:
+    """Paired change of perplexity over the same windows, or {"reason": why not}."""
+    if not base or not other:
+        return {"reason": "perplexity not measured on both"}
+    if "window_nll_sum" not in base or "window_nll_sum" not in other:
+        return {"reason": "no per-window results (eval.json from mi-opt before version 2)"}
+    if base.get("windows_hash") != other.get("windows_hash") or base["window_tokens"] != other["window_tokens"]:
+        return {"reason": "different evaluation windows (text, seed, length or tokenizer differ)"}
+    return paired_perplexity_change(base["window_nll_sum"], other["window_nll_sum"], base["window_tokens"])

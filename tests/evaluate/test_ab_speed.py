@@ -1,0 +1,95 @@
+"""The A/B speed harness: interleaving checked with fake models, reliability on recorded timings."""
+import pytest
+
+from mi_opt.errors import MiOptError
+from mi_opt.evaluate.ab_speed import ab_result, interleaved, measure_ab, reliability_warnings
+from mi_opt.evaluate.compare import Comparison
+from mi_opt.evaluate.config import SpeedConfig
+from mi_opt.evaluate.result import EvalResult
+
+
+def _recorder(calls):
+    def make(label):
+        def run():
+            calls.append(label)
+            return len(calls)
+        return run
+    return make
+
+
+def test_rounds_interleave_and_rotate_after_warmup():
+    calls = []
+    make = _recorder(calls)
+    out, order = interleaved({"a": make("a"), "b": make("b"), "c": make("c")}, rounds=4, warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]          # warm-up first, untimed
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert all(len(v) == 4 for v in out.values())               # one timed call per model per round
+    assert out["a"] == [7, 12, 14, 16]                         # the results of its timed calls only
+
+
+def test_no_model_or_no_round_is_refused():
+    with pytest.raises(MiOptError, match="at least one model"):
+        interleaved({}, rounds=3)
+
+
+STEADY = [0.0100, 0.0101, 0.0099, 0.0100, 0.0102, 0.0100, 0.0101]
+
+
+def test_a_quiet_machine_gives_no_warning():
+    assert reliability_warnings(STEADY, STEADY, {"orig": [1.0, 1.01, 0.99, 1.0]}, load=(0.9, 2)) == []
+
+
+def test_a_machine_that_got_busy_is_reported():
+    slower = [t * 1.6 for t in STEADY]            # another job started during the rounds
+    warnings = reliability_warnings(STEADY, slower, {"orig": [1.0, 1.01, 0.99]})
+    assert len(warnings) >= 1 and "60% slower after" in warnings[0]
+
+
+def test_a_noisy_kernel_noisy_model_and_high_load_are_reported():
+    noisy = [0.010, 0.019, 0.011, 0.025, 0.010, 0.016, 0.012]
+    warnings = reliability_warnings(noisy, noisy, {"orig": [1.0, 1.9, 1.0, 2.2], "small": [1, 1, 1, 1]},
+                                    load=(5.3, 2))
+    text = " ".join(warnings)
+    assert "kernel's own times vary" in text and "orig's decode times vary" in text and "small" not in text
+    assert "load average was 5.3 on 2 CPUs" in text
+
+
+def test_speedups_are_per_round_ratios():
+    config = SpeedConfig(new_tokens=3, repetitions=3, warmup=0)
+    # the machine slows down in round 2 for both models: the per-round ratio stays 2
+    runs = {"orig": [(0.2, 0.2, 0.4), (0.4, 0.4, 0.8), (0.2, 0.2, 0.4)],
+            "small": [(0.1, 0.1, 0.2), (0.2, 0.2, 0.4), (0.1, 0.1, 0.2)]}
+    ab = ab_result(["orig", "small"], runs, [["orig", "small"]] * 3, config, STEADY, STEADY)
+    ratio = ab["vs_baseline"]["small"]
+    assert ratio["prefill_ms"]["median"] == pytest.approx(2) and ratio["prefill_ms"]["q1"] == pytest.approx(2)
+    assert ratio["decode_tokens_per_s"]["median"] == pytest.approx(2)
+    assert ab["per_model"]["orig"]["prefill_ms"]["median"] == pytest.approx(200)
+    speed = {"prefill_ms": {"median": 1.0}, "ttft_ms": {"median": 1.0}, "decode_tokens_per_s": {"median": 1.0},
+             "decode_ms_per_token": {"median": 1.0}, "size_bytes": 1, "size_kind": "memory"}
+    results = [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in range(2)]
+    comp = Comparison(["orig", "small"], results, speed_ab=ab)
+    rows = {m.name: m for m in comp.rows}
+    assert rows["prefill ms"].values == [pytest.approx(200), pytest.approx(100)]
+    assert rows["prefill ms"].relation(1) == pytest.approx(2)
+    assert any("interleaved rounds" in n for n in comp.notes())
+    # round 2 was twice as slow for both: the ratio holds, but the timing is flagged and earns no *
+    assert not ab["reliable"] and "orig's decode times vary" in " ".join(ab["warnings"])
+    assert rows["prefill ms"].change(1)["significant"] is False
+    steady = {k: [v[0]] * 3 for k, v in runs.items()}
+    clean = ab_result(["orig", "small"], steady, [["orig", "small"]] * 3, config, STEADY, STEADY)
+    assert clean["reliable"]
+    comp = Comparison(["orig", "small"], [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in range(2)],
+                      speed_ab=clean)
+    assert {m.name: m for m in comp.rows}["prefill ms"].change(1)["significant"] is True
+
+
+def test_measure_ab_on_tiny_models():
+    from tiny import tiny_model
+
+    models = {"a": tiny_model("llama"), "b": tiny_model("llama", seed=1)}
+    ab = measure_ab(models, SpeedConfig(prompt_len=8, new_tokens=3, warmup=1, repetitions=3), progress=False)
+    assert ab["labels"] == ["a", "b"] and ab["rounds"] == 3 and ab["order"][1] == ["b", "a"]
+    assert set(ab["per_model"]["b"]) >= {"prefill_ms", "decode_tokens_per_s"}
+    assert ab["vs_baseline"]["b"]["prefill_ms"]["n"] == 3
+    assert isinstance(ab["warnings"], list) and ab["reliable"] == (not ab["warnings"])
