@@ -13,8 +13,17 @@ GENERATIVE = ("miopt_arithmetic", "miopt_capitals")
 
 
 def _load(out: Path, cells: dict) -> tuple[dict | None, dict]:
+    """The original's cell and the finished cells scored on the same task items as it. A cell
+    measured after the task files changed (other item counts) is left out, said so at the end:
+    comparing its scores with the original's would compare different questions."""
     found = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
-    return found.get("original"), {n: found[n] for n in cells if n in found}
+    original = found.get("original")
+    same = {n: found[n] for n in cells if n in found
+            and (original is None or found[n].get("n_items") == original.get("n_items"))}
+    for n in sorted(set(cells) & set(found) - set(same)):
+        print(f"left out {n}: scored on {found[n].get('n_items')} task items, the original on "
+              f"{original.get('n_items')}; rerun both (delete reports/recovery/cells/original.json)")
+    return original, same
 
 
 def _generative(cell: dict) -> float:
