@@ -44,9 +44,11 @@ DISTILL = {"method": "distill", "train": "localized", "lr": 3e-4}
 
 # plan name -> how to make it. Layer plans come from block influence (the default scorer) on
 # 8 x 128 calibration tokens, or from exact causal ablation (KL) of every layer, the best
-# 4-layer plan of the scorer benchmark (reports/scorers.md); the head and bits plans are the shipped recipes' committed plans.
+# 4-layer plan of the scorer benchmark (reports/scorers.md); the head and bits plans are the
+# shipped recipes' committed plans.
 PLANS = {
-    "drop4": {"n_drop": 4}, "drop4-causal": {"n_drop": 4, "scorer": "ablation", "metric": "kl"}, "drop6": {"n_drop": 6}, "drop7": {"n_drop": 7}, "drop8": {"n_drop": 8},
+    "drop4": {"n_drop": 4}, "drop4-causal": {"n_drop": 4, "scorer": "ablation", "metric": "kl"},
+    "drop6": {"n_drop": 6}, "drop7": {"n_drop": 7}, "drop8": {"n_drop": 8},
     "heads-third": "reports/recipes/prune-third-heads/plan.json",
     # a quarter of the heads is not a whole number per KV group: free mode, from the same recipe's profile
     "heads-quarter": {"profile": "reports/recipes/prune-third-heads/profile.json", "planner": "head-prune",
