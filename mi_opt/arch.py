@@ -26,6 +26,12 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes module (mi-opt's own 4-bit class subclasses bitsandbytes'). Decided by the
+    classes' modules, so that asking about an unquantized model never imports bitsandbytes."""
+    return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
 def _slice_linear(lin: nn.Module, out_rows: torch.Tensor | None = None, in_cols: torch.Tensor | None = None) -> None:
     if not isinstance(lin, nn.Linear) or type(lin).__module__.startswith("bitsandbytes"):
         raise MiOptError(f"cannot prune heads of a {type(lin).__name__}: prune heads before quantizing")

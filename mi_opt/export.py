@@ -28,7 +28,7 @@ from torch import nn
 
 from mi_opt import tmpfiles
 from mi_opt.adapters import ADAPTER_DIR, load_adapters_, save_adapters, set_aside
-from mi_opt.arch import get_adapter
+from mi_opt.arch import get_adapter, is_quantized
 from mi_opt.artifacts import read_json, versions, write_json
 from mi_opt.card import model_card
 from mi_opt.errors import MiOptError
@@ -43,12 +43,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 FORMATS = ("safetensors", "gguf")
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
-
-
 def has_quantized_modules(model: nn.Module) -> bool:
-    return any(_is_quantized(m) for m in model.modules())
+    return any(is_quantized(m) for m in model.modules())
 
 
 def _head_loader(model: nn.Module, heads: list[tuple[int, int]]) -> str | None:
@@ -61,12 +57,17 @@ def describe(model: nn.Module) -> dict:
     return ModelInfo.of(model, fingerprint="unhashed").shape()  # a shape needs no hash of the weights
 
 
-def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
+def check_layers_left(model: nn.Module, plan: CompressionPlan, applied_by: str = "apply_") -> None:
+    """The model has the layers the plan leaves (`applied_by`: the function that should have made it)."""
     n0 = plan.model.get("n_layers")
     n = get_adapter(model).n_layers()
     if n0 is not None and n != n0 - len(plan.drop_layers):
         raise MiOptError(f"the model has {n} layers but the plan leaves {n0 - len(plan.drop_layers)}: "
-                         "export the model returned by apply_(model, plan)")
+                         f"export the model returned by {applied_by}(model, plan)")
+
+
+def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
+    check_layers_left(model, plan)
     kept_bits = [b for k, b in plan.bits.items() if not in_layers(k, plan.drop_layers)]
     if any(b < 16 for b in kept_bits) and not has_quantized_modules(model):
         raise MiOptError("the plan quantizes modules but the model has no quantized modules: run apply_ first")
@@ -91,7 +92,7 @@ def storage_dtype(model: nn.Module, dtype: str | torch.dtype = "auto") -> torch.
 def stored_parameters(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every float parameter outside quantized modules, as stored (rounded to dtype) and computed
     with again (back in its own dtype); tied parameters appear once, under their first name."""
-    skip = {n for n, m in model.named_modules() if _is_quantized(m)}  # their tensors are stored as they are
+    skip = {n for n, m in model.named_modules() if is_quantized(m)}  # their tensors are stored as they are
     out = {}
     for name, p in model.named_parameters():
         if p.is_floating_point() and name.rpartition(".")[0] not in skip and p.dtype != dtype:

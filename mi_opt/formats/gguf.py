@@ -50,16 +50,13 @@ def apply_structure_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
 
 
 def _check_model(model: nn.Module, plan: CompressionPlan) -> None:
-    from mi_opt.export import has_quantized_modules
+    from mi_opt.export import check_layers_left, has_quantized_modules
 
     if has_quantized_modules(model):
         raise MiOptError("GGUF export quantizes from unquantized weights, but this model already holds "
                          "bitsandbytes modules: apply the plan with mi_opt.formats.gguf.apply_structure_(model, plan) "
                          "instead of apply_ (mi-opt apply --format gguf does)")
-    n0, n = plan.model.get("n_layers"), get_adapter(model).n_layers()
-    if n0 is not None and n != n0 - len(plan.drop_layers):
-        raise MiOptError(f"the model has {n} layers but the plan leaves {n0 - len(plan.drop_layers)}: export the "
-                         "model returned by apply_structure_(model, plan)")
+    check_layers_left(model, plan, "apply_structure_")
 
 
 def source_gguf(spec: str) -> Path | None:

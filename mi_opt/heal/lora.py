@@ -16,14 +16,8 @@ from __future__ import annotations
 from torch import nn
 
 from mi_opt.adapters import PEFT_PREFIX
-from mi_opt.arch import get_adapter
+from mi_opt.arch import get_adapter, is_quantized
 from mi_opt.heal.config import HealConfig
-
-
-def is_quantized(module: nn.Module) -> bool:
-    # By the classes' modules, so that healing an unquantized model never imports bitsandbytes
-    # (mi-opt's own 4-bit class subclasses bitsandbytes').
-    return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
 def quantized_names(model: nn.Module) -> list[str]:

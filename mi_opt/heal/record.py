@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mi_opt import tmpfiles
-from mi_opt.arch import get_adapter
+from mi_opt.arch import get_adapter, is_quantized
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
 
@@ -95,7 +95,6 @@ def save_changed(model: nn.Module, names: list[str], path: Path, unhealed_finger
     from safetensors.torch import save_file
 
     from mi_opt.adapters import adapter_settings
-    from mi_opt.heal.lora import is_quantized
 
     params = dict(model.named_parameters())
     tensors, requantized = {}, []
