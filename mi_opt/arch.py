@@ -32,9 +32,10 @@ def is_quantized(module: nn.Module) -> bool:
     return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
-def _slice_linear(lin: nn.Module, out_rows: torch.Tensor | None = None, in_cols: torch.Tensor | None = None) -> None:
-    if not isinstance(lin, nn.Linear) or type(lin).__module__.startswith("bitsandbytes"):
-        raise MiOptError(f"cannot prune heads of a {type(lin).__name__}: prune heads before quantizing")
+def _slice_linear(lin: nn.Module, out_rows: torch.Tensor | None = None, in_cols: torch.Tensor | None = None,
+                  what: str = "heads") -> None:
+    if not isinstance(lin, nn.Linear) or is_quantized(lin):
+        raise MiOptError(f"cannot prune {what} of a {type(lin).__name__}: prune {what} before quantizing")
     w = lin.weight.data
     if out_rows is not None:
         w = w[out_rows.to(w.device)]
@@ -266,6 +267,51 @@ class ArchAdapter:
         return None
 
 
+    # --- MLP neurons -------------------------------------------------------------
+    # A gated MLP computes down(act(gate(x)) * up(x)): neuron j is row j of gate and up and
+    # column j of down, and the input of down holds every neuron's activation.
+    def mlp_input_projections(self, layer: nn.Module) -> list[nn.Module]:
+        """The projections whose output rows are the MLP's intermediate neurons."""
+        mlp = self.mlp(layer)
+        return [mlp.gate_proj, mlp.up_proj]
+
+    def mlp_output_projection(self, layer: nn.Module) -> nn.Module:
+        """The projection whose input columns are the neurons' activations (hook its input to see them)."""
+        return self.mlp(layer).down_proj
+
+    def mlp_width(self, layer_index: int) -> int:
+        """Intermediate neurons of one layer's MLP, read from the live modules (pruning changes it)."""
+        return self.linear_shape(self.mlp_output_projection(self.layers()[layer_index]))[1]
+
+    def neuron_params(self, layer_index: int) -> int:
+        """Parameters of one intermediate neuron: its input rows (+ biases) and its output column."""
+        layer = self.layers()[layer_index]
+        total = 0
+        for proj in self.mlp_input_projections(layer):
+            _, n_in, bias = self.linear_shape(proj)
+            total += n_in + int(bias)
+        return total + self.linear_shape(self.mlp_output_projection(layer))[0]
+
+    def slice_mlp_(self, layer_index: int, keep: torch.Tensor) -> None:
+        """Keep only neurons `keep` (sorted indices) of one layer's MLP: rows of the input
+        projections, columns of the output projection."""
+        layer = self.layers()[layer_index]
+        for proj in self.mlp_input_projections(layer):
+            _slice_linear(proj, out_rows=keep, what="MLP neurons")
+        _slice_linear(self.mlp_output_projection(layer), in_cols=keep, what="MLP neurons")
+
+    def record_mlp_sizes_(self, sizes: set[int]) -> None:
+        """After neuron surgery: when every layer has one MLP size, the config says it, so plain
+        transformers builds the model (per-layer sizes are the sidecar's to say)."""
+        if len(sizes) == 1:
+            self.config.get_text_config().intermediate_size = next(iter(sizes))
+
+    def mlp_sizes_unloadable(self, sizes: list[int]) -> str | None:
+        """Why plain transformers cannot rebuild these MLP sizes per layer, or None if it can."""
+        if any(n != self.config.get_text_config().intermediate_size for n in sizes):
+            return "different MLP sizes per layer"
+        return None
+
 class Qwen2Adapter(ArchAdapter):
     family = "qwen2"
     model_types = ("qwen2", "qwen3")
@@ -400,6 +446,33 @@ class GPT2Adapter(ArchAdapter):
         n_head = self.config.get_text_config().n_head
         return None if all(h == n_head for h, _ in heads) else "GPT-2 configs derive head_dim from n_head"
 
+
+    # --- MLP neurons: c_fc's output columns, c_proj's input rows (Conv1D is [in, out]) ---
+    def mlp_input_projections(self, layer: nn.Module) -> list[nn.Module]:
+        return [self.mlp(layer).c_fc]
+
+    def mlp_output_projection(self, layer: nn.Module) -> nn.Module:
+        return self.mlp(layer).c_proj
+
+    def slice_mlp_(self, layer_index: int, keep: torch.Tensor) -> None:
+        mlp = self.mlp(self.layers()[layer_index])
+        if not all(self.is_full_precision_linear(m) for m in (mlp.c_fc, mlp.c_proj)):
+            raise MiOptError("cannot prune MLP neurons of a quantized layer: prune neurons before quantizing")
+        c_fc, c_proj = mlp.c_fc, mlp.c_proj
+        _set_param(c_fc, "weight", c_fc.weight.data[:, keep.to(c_fc.weight.device)])
+        _set_param(c_fc, "bias", c_fc.bias.data[keep.to(c_fc.bias.device)])
+        c_fc.nf = len(keep)
+        _set_param(c_proj, "weight", c_proj.weight.data[keep.to(c_proj.weight.device)])
+        c_proj.nx = len(keep)
+
+    def record_mlp_sizes_(self, sizes: set[int]) -> None:
+        if len(sizes) == 1:
+            self.config.get_text_config().n_inner = next(iter(sizes))
+
+    def mlp_sizes_unloadable(self, sizes: list[int]) -> str | None:
+        cfg = self.config.get_text_config()
+        configured = cfg.n_inner if cfg.n_inner is not None else 4 * cfg.n_embd
+        return None if all(n == configured for n in sizes) else "different MLP sizes per layer"
 
 ADAPTERS: tuple[type[ArchAdapter], ...] = (ArchAdapter, Qwen2Adapter, GemmaAdapter, Gemma3Adapter, GPT2Adapter)
 

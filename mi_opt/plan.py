@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 
 from mi_opt.artifacts import JsonArtifact, now, versions
 from mi_opt.errors import MiOptError
-from mi_opt.units import BIT_WIDTHS, HEAD_MODES, QUANT_TYPES
+from mi_opt.units import BIT_WIDTHS, HEAD_MODES, QUANT_TYPES, WIDTH_MODES
 
 SCHEMA = "mi-opt/compression-plan"
-VERSION = 1
+VERSION = 2  # 2: prune_neurons and neuron_mode (version 1 files read as "no neurons pruned")
 
 # LLM.int8()'s outlier threshold (Dettmers et al., 2022; transformers' default): input columns
 # with any |activation| > 6 are multiplied in 16-bit, the rest in int8. On SmolLM2 with every
@@ -40,6 +40,8 @@ class CompressionPlan(JsonArtifact):
     drop_layers: list[int] = field(default_factory=list)  # original layer indices to delete
     prune_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> query heads to delete
     head_mode: str = "uniform"                            # "uniform": plain-transformers loadable
+    prune_neurons: dict[int, list[int]] = field(default_factory=dict)  # layer -> MLP neurons to delete
+    neuron_mode: str = "uniform"                          # "uniform": one MLP size, plain-transformers loadable
     # Bits per target. Keys: "L<i>" (every linear of layer i), "L<i>.<module path>" (one module,
     # path relative to the layer, e.g. "L3.self_attn.q_proj"), "embed", "lm_head". Missing = 16.
     bits: dict[str, int] = field(default_factory=dict)
@@ -54,9 +56,12 @@ class CompressionPlan(JsonArtifact):
 
     def __post_init__(self):
         self.prune_heads = {int(k): sorted(int(h) for h in v) for k, v in self.prune_heads.items() if v}
+        self.prune_neurons = {int(k): sorted(int(n) for n in v) for k, v in self.prune_neurons.items() if v}
         self.drop_layers = sorted(int(i) for i in self.drop_layers)
         if self.head_mode not in HEAD_MODES:
             raise MiOptError(f"head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
+        if self.neuron_mode not in WIDTH_MODES:
+            raise MiOptError(f"neuron_mode must be one of {WIDTH_MODES}, got {self.neuron_mode!r}")
         bad = {k: b for k, b in self.bits.items() if b not in BIT_WIDTHS}
         if bad:
             raise MiOptError(f"bit widths must be in {BIT_WIDTHS}; got {bad}")
@@ -65,11 +70,13 @@ class CompressionPlan(JsonArtifact):
         self.int8_threshold = check_int8_threshold(self.int8_threshold)
 
     def is_empty(self) -> bool:
-        return not (self.drop_layers or self.prune_heads or any(b < 16 for b in self.bits.values()))
+        return not (self.drop_layers or self.prune_heads or self.prune_neurons
+                    or any(b < 16 for b in self.bits.values()))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["prune_heads"] = {str(k): v for k, v in self.prune_heads.items()}
+        d["prune_neurons"] = {str(k): v for k, v in self.prune_neurons.items()}
         return {"schema": SCHEMA, "version": VERSION, **d}
 
     @classmethod

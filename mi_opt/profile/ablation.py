@@ -25,7 +25,7 @@ from mi_opt.profile.engine import (CleanReference, LayerInputs, cache_stride, ca
 from mi_opt.profile.finite import check_batches
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, ablation_hooks
-from mi_opt.units import KINDS, Unit, enumerate_units
+from mi_opt.units import DEFAULT_KINDS, Unit, enumerate_units
 
 ENGINES = ("fast", "naive")
 
@@ -33,7 +33,7 @@ ENGINES = ("fast", "naive")
 @dataclass
 class AblationConfig:
     ablation: str = "zero"                 # "zero" or "mean" (mean over calibration tokens)
-    unit_kinds: tuple[str, ...] = KINDS    # which units to score
+    unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score
     batch_size: int = 4                    # calibration windows per forward; also the SE granularity
     ablations_per_forward: int = 2         # fast engine: ablations stacked along the batch dimension
     logit_chunk_tokens: int = 2048         # fast engine: tokens per chunk of the vocabulary projection

@@ -43,7 +43,7 @@ from mi_opt.profile.engine import calibration_batches, collect_means, summarize
 from mi_opt.profile.finite import check_base_loss, check_batches
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, MeanActivations
-from mi_opt.units import KINDS, Unit, enumerate_units
+from mi_opt.units import DEFAULT_KINDS, Unit, enumerate_units
 
 NOTES = ("First-order (gradient x activation difference) estimates of the ablation effect. "
          "Known to be poor for whole layers and anything that moves the residual stream "
@@ -57,7 +57,7 @@ NOTES = ("First-order (gradient x activation difference) estimates of the ablati
 @dataclass
 class AttributionConfig:
     ablation: str = "zero"                 # "zero" or "mean" (mean over calibration tokens)
-    unit_kinds: tuple[str, ...] = KINDS    # which units to score
+    unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score
     batch_size: int = 4                    # calibration windows per forward/backward; also the SE granularity
     kl_samples: int = 1                    # extra backward passes per batch for the KL estimate
     seed: int = 0                          # seeds the KL estimator's token and sign draws
@@ -66,9 +66,9 @@ class AttributionConfig:
         if self.ablation not in ABLATIONS:
             raise MiOptError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
         self.unit_kinds = tuple(self.unit_kinds)
-        unknown = set(self.unit_kinds) - set(KINDS)
+        unknown = set(self.unit_kinds) - set(DEFAULT_KINDS)
         if unknown or not self.unit_kinds:
-            raise MiOptError(f"unit_kinds must be a non-empty subset of {KINDS}, got {self.unit_kinds}")
+            raise MiOptError(f"unit_kinds must be a non-empty subset of {DEFAULT_KINDS}, got {self.unit_kinds}")
         if self.batch_size < 1:
             raise MiOptError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.kl_samples < 1:

@@ -33,7 +33,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.handle import as_loaded, model_summary
 from mi_opt.profile.engine import LayerInputs, calibration_batches, mean_and_se
 from mi_opt.profile.importance import ImportanceProfile, UnitScore
-from mi_opt.units import KINDS, Unit, enumerate_units
+from mi_opt.units import DEFAULT_KINDS, Unit, enumerate_units
 
 NORMS = ("l2", "l1")
 
@@ -73,21 +73,21 @@ class AngularDistanceConfig:
 @dataclass
 class WeightMagnitudeConfig:
     norm: str = "l2"                       # "l2": Frobenius norm; "l1": sum of absolute values
-    unit_kinds: tuple[str, ...] = KINDS
+    unit_kinds: tuple[str, ...] = DEFAULT_KINDS
 
     def __post_init__(self):
         if self.norm not in NORMS:
             raise MiOptError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        self.unit_kinds = _check_kinds(self.unit_kinds, KINDS, "weight_magnitude")
+        self.unit_kinds = _check_kinds(self.unit_kinds, DEFAULT_KINDS, "weight_magnitude")
 
 
 @dataclass
 class RandomConfig:
     seed: int = 0
-    unit_kinds: tuple[str, ...] = KINDS
+    unit_kinds: tuple[str, ...] = DEFAULT_KINDS
 
     def __post_init__(self):
-        self.unit_kinds = _check_kinds(self.unit_kinds, KINDS, "random")
+        self.unit_kinds = _check_kinds(self.unit_kinds, DEFAULT_KINDS, "random")
 
 
 # --- the residual stream at layer boundaries ---------------------------------------
