@@ -106,7 +106,7 @@ def test_bad_config():
     with pytest.raises(MiOptError, match="ablation must be one of"):
         AblationConfig(ablation="resample-ish")
     with pytest.raises(MiOptError, match="unknown unit kind"):
-        profile_ablation(tiny_model("llama"), tiny_windows(2, 8), AblationConfig(unit_kinds=("neurons",)),
+        profile_ablation(tiny_model("llama"), tiny_windows(2, 8), AblationConfig(unit_kinds=("synapses",)),
                          progress=False)
 
 
