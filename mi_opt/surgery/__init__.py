@@ -1,6 +1,6 @@
 """Apply a CompressionPlan to a model for real: `apply_(model, plan)` changes it in place.
 
-Order: heads first, then quantization, then layer deletion. Plans number layers as the
+Order: heads first, then MLP neurons, then quantization, then layer deletion. Plans number layers as the
 original model did; doing the steps that address layers by number before any layer is
 deleted keeps that numbering valid without remapping.
 """
@@ -13,6 +13,7 @@ from mi_opt.handle import LoadedModel, as_loaded
 from mi_opt.plan import CompressionPlan
 from mi_opt.surgery.heads import plan_layouts, prune_heads_
 from mi_opt.surgery.layers import check_drop, drop_layers_
+from mi_opt.surgery.neurons import plan_keeps, prune_neurons_
 from mi_opt.units import in_layers, resolve_linears
 
 
@@ -31,6 +32,7 @@ def check_plan(model: nn.Module | LoadedModel, plan: CompressionPlan) -> None:
         raise MiOptError(f"the plan is for a {plan.model['n_layers']}-layer model; this one has {n}")
     check_drop(model, plan.drop_layers)
     plan_layouts(model, {i: h for i, h in plan.prune_heads.items()}, plan.head_mode, plan.drop_layers)
+    plan_keeps(model, plan.prune_neurons, plan.neuron_mode, plan.drop_layers)
     for key in plan.bits:
         check_bits_key(adapter, key)
 
@@ -41,7 +43,7 @@ def check_bits_key(adapter, key: str) -> None:
 
 
 def apply_(model: nn.Module | LoadedModel, plan: CompressionPlan) -> nn.Module:
-    """Remove heads, quantize and remove layers as `plan` says; returns the same (bare) model.
+    """Remove heads and MLP neurons, quantize and remove layers as `plan` says; returns the same (bare) model.
     A handle is told its model changed."""
     loaded = as_loaded(model)
     check_plan(loaded, plan)
@@ -50,6 +52,7 @@ def apply_(model: nn.Module | LoadedModel, plan: CompressionPlan) -> nn.Module:
     dropped = set(plan.drop_layers)
     prune_heads_(model, {i: h for i, h in plan.prune_heads.items() if i not in dropped}, plan.head_mode,
                  ignore_layers=dropped)
+    prune_neurons_(model, plan.prune_neurons, plan.neuron_mode, ignore_layers=dropped)
     bits = {k: b for k, b in plan.bits.items() if not in_layers(k, dropped)}
     if any(b < 16 for b in bits.values()):
         from mi_opt.surgery.quantize import quantize_  # optional backend; imported only when needed
