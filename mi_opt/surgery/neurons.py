@@ -40,6 +40,7 @@ def plan_keeps(model: nn.Module, prune: dict[int, list[int]], mode: str,
     for i, neurons in prune.items():
         if i in ignore or not neurons:
             continue
+        _check_full_precision(adapter, i)
         width = adapter.mlp_width(i)
         gone = set(neurons)
         outside = sorted(j for j in gone if not 0 <= j < width)
@@ -57,6 +58,17 @@ def plan_keeps(model: nn.Module, prune: dict[int, list[int]], mode: str,
                 f"it); this plan leaves sizes {sorted(sizes)}. Use neuron_mode 'free' (loads with "
                 "mi_opt.load_compressed) or a uniform planner.")
     return keeps
+
+
+def _check_full_precision(adapter, layer_index: int) -> None:
+    """Refuse, before any layer is sliced, an MLP holding a quantized projection: bitsandbytes'
+    packed weights are not rows and columns to slice (apply_ prunes neurons before it quantizes)."""
+    layer = adapter.layers()[layer_index]
+    projections = [*adapter.mlp_input_projections(layer), adapter.mlp_output_projection(layer)]
+    quantized = [type(m).__name__ for m in projections if not adapter.is_full_precision_linear(m)]
+    if quantized:
+        raise MiOptError(f"layer {layer_index}: cannot prune MLP neurons of a quantized layer ({', '.join(quantized)}); "
+                         "prune neurons before quantizing (apply_ does both in that order, from the unquantized model)")
 
 
 def mlp_sizes(model: nn.Module, ignore_layers: Iterable[int] = ()) -> list[int]:
