@@ -24,6 +24,12 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
+def pruned_neurons(plan: CompressionPlan) -> dict[int, int]:
+    """MLP neurons the plan removes per kept layer (original numbering): a dropped layer's are gone with it."""
+    dropped = set(plan.drop_layers)
+    return {i: len(v) for i, v in plan.prune_neurons.items() if i not in dropped and v}
+
+
 def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, heal=None) -> str:
     src = plan.model.get("spec") or "the source model"
     lines = [f"# {src}, compressed with mi-opt", "",
@@ -39,6 +45,11 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
         lines.append(f"- Removed {n} attention heads in {len(plan.prune_heads)} layers ({plan.head_mode} mode); "
                      f"per layer (original numbering): "
                      + "; ".join(f"L{i}: {h}" for i, h in sorted(plan.prune_heads.items())) + ".")
+    neurons = pruned_neurons(plan)
+    if neurons:
+        lines.append(f"- Removed {sum(neurons.values())} MLP neurons in {len(neurons)} layers ({plan.neuron_mode} "
+                     "mode); neurons removed per layer (original numbering; the indices are in `plan.json`): "
+                     + "; ".join(f"L{i}: {n}" for i, n in sorted(neurons.items())) + ".")
     quant = sidecar.get("quantization") or {}
     if quant.get("modules"):
         widths: dict[int, int] = {}
@@ -55,7 +66,8 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
         lines.append("- Healed after compression, toward the original model (details in `heal.json`):")
         lines += [f"  - {line}" for line in heal.summary()]
     lines += ["", f"Layers: {sidecar['n_layers']}; query heads per layer: {[h for h, _ in sidecar['heads']]}; "
-              f"KV heads per layer: {[kv for _, kv in sidecar['heads']]}.",
+              f"KV heads per layer: {[kv for _, kv in sidecar['heads']]}"
+              + (f"; MLP sizes per layer: {sidecar['mlp_sizes']}." if sidecar.get("mlp_sizes") else "."),
               f"Parameters: {sidecar['parameters']:,}"
               + (f" (source: {plan.predicted['parameters_before']:,})." if "parameters_before" in plan.predicted
                  else "."), ""]

@@ -1,9 +1,9 @@
 """Write a compressed model as a checkpoint, verify it reloads identically, and load it back.
 
-Layer-dropped, uniformly head-pruned and uniformly quantized models load with plain
-`AutoModelForCausalLM.from_pretrained`; per-layer head counts and mixed bit widths need
-`load_compressed`, which rebuilds the shapes from the sidecar (mi-opt-compression.json)
-before loading the weights, the way PEFT adapters are rebuilt. LoRA adapters a heal kept
+Layer-dropped, uniformly head- or neuron-pruned and uniformly quantized models load with plain
+`AutoModelForCausalLM.from_pretrained`; per-layer head counts or MLP sizes and mixed bit widths need
+`load_compressed`, which rebuilds the shapes from the sidecar (mi-opt-compression.json,
+mi_opt.checkpoint_shapes) before loading the weights, the way PEFT adapters are rebuilt. LoRA adapters a heal kept
 unmerged are written beside the weights in PEFT's format (`adapter/`) and applied on load.
 
 Weights that stay unquantized are stored in bf16 by default (dtype="auto"): a model computing in
@@ -31,6 +31,7 @@ from mi_opt.adapters import ADAPTER_DIR, load_adapters_, save_adapters, set_asid
 from mi_opt.arch import get_adapter, is_quantized
 from mi_opt.artifacts import read_json, versions, write_json
 from mi_opt.card import model_card
+from mi_opt.checkpoint_shapes import loader_reason, rebuild_shapes_
 from mi_opt.errors import MiOptError
 from mi_opt.handle import LoadedModel, ModelInfo, bare
 from mi_opt.plan import CompressionPlan
@@ -38,7 +39,7 @@ from mi_opt.units import in_layers
 
 SIDECAR = "mi-opt-compression.json"
 SCHEMA = "mi-opt/compression"
-VERSION = 1
+VERSION = 2  # 2: per-layer mlp_sizes (a version 1 sidecar: every MLP as its config says)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 FORMATS = ("safetensors", "gguf")
 
@@ -47,13 +48,8 @@ def has_quantized_modules(model: nn.Module) -> bool:
     return any(is_quantized(m) for m in model.modules())
 
 
-def _head_loader(model: nn.Module, heads: list[tuple[int, int]]) -> str | None:
-    """Why plain transformers cannot rebuild these head shapes, or None if it can."""
-    return get_adapter(model).head_shapes_unloadable(heads)
-
-
 def describe(model: nn.Module) -> dict:
-    """The shapes a loader must rebuild: layers and (query, KV) heads per layer."""
+    """The shapes a loader must rebuild: layers, (query, KV) heads and MLP sizes per layer."""
     return ModelInfo.of(model, fingerprint="unhashed").shape()  # a shape needs no hash of the weights
 
 
@@ -219,9 +215,7 @@ def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out
         if adapters:
             sidecar["adapters"] = {"path": ADAPTER_DIR, "format": "peft-lora",
                                    **save_adapters(model, tmp / ADAPTER_DIR)}
-        reason = _head_loader(model, [tuple(h) for h in sidecar["heads"]])
-        if reason is None and quant and quant.get("loader") != "transformers":
-            reason = "mixed bit widths or a quantized lm_head"
+        reason = loader_reason(model, shapes, quant)
         sidecar["loader"] = "transformers" if reason is None else "mi_opt"
         sidecar["loader_reason"] = reason
         write_json(tmp / SIDECAR, sidecar)  # load_compressed reads it during the check
@@ -305,8 +299,6 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from mi_opt.surgery.heads import reshape_heads_
-
     folder = Path(path)
     if not (folder / SIDECAR).is_file():
         if not (folder / "config.json").is_file():
@@ -333,7 +325,7 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
     if get_adapter(model).n_layers() != sidecar["n_layers"]:
         raise MiOptError(f"{folder}: config.json builds {get_adapter(model).n_layers()} layers but the sidecar "
                          f"records {sidecar['n_layers']}; the folder was edited by hand")
-    reshape_heads_(model, [tuple(h) for h in sidecar["heads"]])
+    rebuild_shapes_(model, sidecar)  # per-layer heads and MLP sizes, before the weights go in
     model.to(device)
     if sidecar.get("quantization"):
         from mi_opt.surgery.quantize import load_quantized_

@@ -34,6 +34,17 @@ def parameter_count(model: nn.Module) -> int:
     return total
 
 
+def mlp_sizes(adapter: ArchAdapter) -> list[int]:
+    """MLP intermediate neurons of every layer; 0 where the MLP itself was replaced by a stand-in."""
+    sizes = []
+    for i in range(adapter.n_layers()):
+        try:
+            sizes.append(adapter.mlp_width(i))
+        except AttributeError:  # a stand-in without projections: no neurons
+            sizes.append(0)
+    return sizes
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     spec: str | None
@@ -44,6 +55,7 @@ class ModelInfo:
     heads: list[int]             # query heads per layer (0 where attention was removed)
     kv_heads: list[int]
     head_dim: int | None
+    mlp_sizes: list[int]         # MLP intermediate neurons per layer (neuron pruning changes them)
     dtype: str                   # of the first parameter, e.g. "float32"
     parameters: int
     input_device: str            # where token ids go
@@ -58,6 +70,7 @@ class ModelInfo:
                    model_type=model.config.model_type, family=adapter.family, n_layers=adapter.n_layers(),
                    heads=heads, kv_heads=[adapter.heads(i).n_kv_heads if n else 0 for i, n in enumerate(heads)],
                    head_dim=adapter.heads(first).head_dim if first is not None else None,
+                   mlp_sizes=mlp_sizes(adapter),
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                    parameters=parameter_count(model), input_device=str(adapter.input_device()))
 
@@ -75,10 +88,10 @@ class ModelInfo:
                 "heads": self.heads, "dtype": self.dtype}
 
     def shape(self) -> dict:
-        """What a loader must rebuild: layers and (query, KV) heads per layer (an export's sidecar)."""
+        """What a loader must rebuild: layers, (query, KV) heads and MLP sizes per layer (an export's sidecar)."""
         return {"family": self.family, "model_type": self.model_type, "n_layers": self.n_layers,
                 "heads": [[h, kv] for h, kv in zip(self.heads, self.kv_heads)], "head_dim": self.head_dim,
-                "dtype": self.dtype, "parameters": self.parameters}
+                "mlp_sizes": self.mlp_sizes, "dtype": self.dtype, "parameters": self.parameters}
 
 
 def model_summary(model, adapter: ArchAdapter | None, spec: str | None) -> dict:
