@@ -189,6 +189,10 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         plan.save(folder.root / "plan.json")
         folder.mark("plan", plan_key, ["plan.json"])
         ran.append("plan")
+    if recipe.export.enabled and recipe.export.format == "gguf":
+        from mi_opt.formats.gguf_families import check_plan_mlp_sizes
+
+        check_plan_mlp_sizes(model, plan)  # per-layer MLP sizes: refused now, not after the evaluations
 
     # 3. evaluate the original (shared between runs of the same model and settings)
     base_key = content_hash(fingerprint, sections["model"], sections["evaluate"])

@@ -2,7 +2,7 @@
 
 The GGUF file is quantized here, from the unquantized weights, by the `gguf` package's own
 quantizers (the ones llama.cpp's conversion script uses), so the model must come from
-`apply_structure_(model, plan)`: layers dropped and heads pruned, no bitsandbytes modules
+`apply_structure_(model, plan)`: layers dropped, heads and MLP neurons pruned, no bitsandbytes modules
 (re-quantizing nf4 weights into Q4_0 would round twice).
 
 Nothing is written unless the whole file can be: every refusal (family, per-layer shapes, a type
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import versions, write_json
 from mi_opt.errors import MiOptError
-from mi_opt.formats.gguf_families import gguf_family, permute_rows
+from mi_opt.formats.gguf_families import check_plan_mlp_sizes, gguf_family, permute_rows
 from mi_opt.formats.gguf_types import GgufOptions, tensor_types
 from mi_opt.plan import CompressionPlan
 
@@ -43,7 +43,8 @@ TOLERANCE = 1e-4  # relative to the largest logit: both sides compute in fp32 on
 
 
 def apply_structure_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
-    """Drop layers and prune heads as the plan says, leaving every weight unquantized for the GGUF writer."""
+    """Drop layers and prune heads and MLP neurons as the plan says, leaving every weight unquantized for
+    the GGUF writer."""
     from mi_opt.surgery import apply_
 
     return apply_(model, replace(plan, bits={}))
@@ -83,10 +84,13 @@ def vocab_path(spec: str, options: GgufOptions) -> Path:
     return path
 
 
-def check_gguf_export(model: nn.Module, spec: str, options: GgufOptions) -> None:
-    """What export_gguf would refuse about this model and its tokenizer source, checked before any work."""
+def check_gguf_export(model: nn.Module, spec: str, options: GgufOptions, plan: CompressionPlan | None = None) -> None:
+    """What export_gguf would refuse about this (unpruned) model and its tokenizer source, and about the
+    MLP sizes `plan` would leave, checked before any work."""
     options.mapping()
     gguf_family(model).check(model)
+    if plan is not None:
+        check_plan_mlp_sizes(model, plan)
     vocab_path(spec, options)
 
 

@@ -6,7 +6,8 @@ Llama, as llama.cpp's convert_hf_to_gguf.py writes it: tensor names from gguf-py
 q_proj and k_proj rows permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's
 interleaved pairs (per head: rows [0, d/2) and [d/2, d) become pairs 2i, 2i+1), transformers
 undoing it on load. A layer-dropped model is a shorter block list; uniformly pruned heads are a
-smaller head_count with key_length/value_length keeping head_dim.
+smaller head_count with key_length/value_length keeping head_dim; uniformly pruned MLP neurons are a
+smaller feed_forward_length (per-layer sizes are refused: see check_mlp_sizes).
 """
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ def _uniform(values: list, what: str) -> int:
     return values[0]
 
 
+def check_mlp_sizes(sizes: list[int]) -> None:
+    """One MLP size for every layer, or the refusal. llama.cpp itself reads a per-layer
+    feed_forward_length array for some architectures, but transformers' GGUF loader reads one
+    value, so such a file could not be verified here, and mi-opt writes nothing it has not verified."""
+    if len(set(sizes)) > 1:
+        raise MiOptError(f"GGUF export: the MLP sizes differ per layer ({sizes}), and a per-layer "
+                         "feed_forward_length could not be verified (transformers' GGUF loader reads one size for "
+                         "every layer); prune neurons with neuron_mode 'uniform', or use the safetensors export")
+
+
+def check_plan_mlp_sizes(model: nn.Module, plan) -> None:
+    """check_mlp_sizes for the model `plan` would leave, asked of the unpruned model before any work."""
+    adapter = get_adapter(model)
+    dropped = set(plan.drop_layers)
+    check_mlp_sizes([adapter.mlp_width(i) - len(set(plan.prune_neurons.get(i, ())))
+                     for i in range(adapter.n_layers()) if i not in dropped])
+
+
 def _llama_check(model: nn.Module) -> None:
     cfg = model.config
     adapter = get_adapter(model)
@@ -55,7 +74,7 @@ def _llama_check(model: nn.Module) -> None:
         raise MiOptError(f"GGUF export: llama.cpp's llama uses SiLU, this model uses {cfg.hidden_act!r}")
     heads = [adapter.heads(i) for i in range(adapter.n_layers())]
     _uniform([(g.n_heads, g.n_kv_heads) for g in heads], "head counts")
-    _uniform([adapter.mlp(layer).down_proj.in_features for layer in adapter.layers()], "MLP widths")
+    check_mlp_sizes([adapter.mlp_width(i) for i in range(adapter.n_layers())])
     if model.config.model_type != "llama":
         raise MiOptError(f"GGUF export: model_type {model.config.model_type!r} is not written yet; Llama only")
 
@@ -67,7 +86,7 @@ def _llama_metadata(writer, model: nn.Module) -> None:
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(adapter.n_layers())
-    writer.add_feed_forward_length(adapter.mlp(adapter.layers()[0]).down_proj.in_features)
+    writer.add_feed_forward_length(adapter.mlp_width(0))  # after neuron pruning: the one size every layer has
     writer.add_head_count(geo.n_heads)
     writer.add_head_count_kv(geo.n_kv_heads)
     writer.add_key_length(geo.head_dim)       # hidden_size / head_count no longer gives it once heads are pruned
