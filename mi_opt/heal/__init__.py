@@ -3,7 +3,7 @@ back toward the original in place, and returns a HealRecord (heal.json).
 
 Healing changes weights, never structure: the healed model exports and loads exactly where the
 unhealed one did. What trains is chosen from the plan (mi_opt.heal.sites): the layers around
-each removed block or head-pruned layer, LoRA adapters (merged at the end, so the checkpoint
+each removed block or head- or neuron-pruned layer, LoRA adapters (merged at the end, so the checkpoint
 stays plain), or every weight.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _check_shapes(student: nn.Module, teacher: nn.Module, plan: CompressionPlan,
         raise MiOptError(f"the student has {get_adapter(student).n_layers()} layers but the plan leaves {expected}: "
                          "heal the model that apply_(model, plan) returned")
     if config.hidden_weight and not blocks:
-        raise MiOptError("heal.hidden_weight matches hidden states at removed layers or pruned heads; this plan has "
+        raise MiOptError("heal.hidden_weight matches hidden states at removed layers or pruned heads or neurons; this plan has "
                          "neither: set it to 0")
     if config.uses_local and any(quantized_names(get_adapter(student).layers()[i]) for i in _block_layers(blocks)):
         raise MiOptError("heal.method 'local' cannot fit layers that hold quantized modules; use method 'distill' "
@@ -225,7 +225,7 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     blocks = damage_blocks(plan, get_adapter(teacher).n_layers(), config.radius)
     _check_shapes(student, teacher, plan, config, blocks)
     if config.uses_local and not blocks:
-        raise MiOptError("heal.method 'local' repairs removed layers and pruned heads; this plan only quantizes: "
+        raise MiOptError("heal.method 'local' repairs removed layers and pruned heads or neurons; this plan only quantizes: "
                          "use method 'distill' (LoRA on the quantized modules)")
     if lora_layers(student):
         raise MiOptError("the student already carries unmerged LoRA adapters (a checkpoint healed with "

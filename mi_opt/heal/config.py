@@ -2,7 +2,7 @@
 
 Three methods, cheapest first:
 - `local`: fit only the layers next to each damaged site (a removed block, a layer that lost
-  heads) so that they reproduce the teacher's hidden state after the site, from cached
+  heads or MLP neurons) so that they reproduce the teacher's hidden state after the site, from cached
   activations. No lm_head, no full forward: seconds to a minute.
 - `distill`: the whole student forward, forward KL to the teacher's next-token distributions
   (optionally plus hidden-state matching at the sites), through transformers' Trainer.

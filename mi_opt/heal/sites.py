@@ -1,6 +1,6 @@
 """Where a plan damaged the model, in the student's numbering: what heals, and against what.
 
-A site is a removed block of layers or a layer that lost heads. The layers that train for it
+A site is a removed block of layers or a layer that lost heads or MLP neurons. The layers that train for it
 are the kept layers within `radius` of it, as one contiguous block of the student. Its target
 is a point of the residual stream that exists in both models: the hidden state entering the
 student's layer after the block equals, in an undamaged model, the teacher's hidden state
@@ -45,7 +45,7 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 
 
 def damage_blocks(plan: CompressionPlan, n_original: int, radius: int) -> list[Block]:
-    """The student blocks to heal: one per removed block of layers or head-pruned layer, merged
+    """The student blocks to heal: one per removed block of layers or head- or neuron-pruned layer, merged
     where they overlap. Empty for a plan that only quantizes."""
     kept = kept_layers(plan, n_original)
     student_of = {orig: s for s, orig in enumerate(kept)}
@@ -58,11 +58,14 @@ def damage_blocks(plan: CompressionPlan, n_original: int, radius: int) -> list[B
             raise MiOptError(f"heal: no kept layer lies within radius {radius} of removed layers {a}..{b}; "
                              "raise heal.radius")
         spans.append((min(trained), max(trained), f"removed L{a}" + (f"-L{b}" if b > a else "")))
-    for layer in sorted(plan.prune_heads):
+    # A narrowed layer (heads or neurons) trains itself and the radius - 1 layers after it.
+    for layer in sorted(set(plan.prune_heads) | set(plan.prune_neurons)):
         if layer in student_of:
             s = student_of[layer]
             last = min(len(kept) - 1, s + max(radius, 1) - 1)
-            spans.append((s, last, f"heads of L{layer}"))
+            what = " and ".join(w for w, pruned in (("heads", plan.prune_heads), ("MLP neurons", plan.prune_neurons))
+                                if pruned.get(layer))
+            spans.append((s, last, f"{what} of L{layer}"))
     blocks: list[list] = []
     for first, last, why in sorted(spans):
         if blocks and first <= blocks[-1][1]:
