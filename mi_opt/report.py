@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from mi_opt.artifacts import atomic_write_bytes  # noqa: E402
+from mi_opt.card import pruned_neurons  # noqa: E402
 from mi_opt.plan import CompressionPlan  # noqa: E402
 from mi_opt.units import key_order, layer_of  # noqa: E402
 
@@ -60,6 +61,12 @@ def plan_summary(plan: CompressionPlan, n_layers: int, formats: dict[int, str] |
         total = sum(len(v) for v in plan.prune_heads.values())
         lines.append(f"Pruned {total} attention heads in {len(plan.prune_heads)} layers ({plan.head_mode} mode): "
                      + "; ".join(f"L{k}: {v}" for k, v in sorted(plan.prune_heads.items())) + ".")
+    neurons = pruned_neurons(plan)
+    if neurons:
+        lines.append(f"Pruned {sum(neurons.values())} MLP neurons in {len(neurons)} layers ({plan.neuron_mode} mode), "
+                     "per layer: " + "; ".join(f"L{k}: {n}" for k, n in sorted(neurons.items())) + ".")
+        if plan.predicted.get("mlp_sizes"):
+            lines.append(f"MLP sizes of the kept layers: {plan.predicted['mlp_sizes']}.")
     quantized = {k: b for k, b in plan.bits.items() if b < 16}
     if quantized:
         by_width = {}

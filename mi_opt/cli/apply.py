@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     after = parameter_count(model)  # a packed 4-bit weight counts as the weights it holds
     export(model, tokenizer, plan, out, profile=profile, force=args.force, format=args.format, gguf=gguf)
     print(f"exported: {out}  (parameters {before:,} -> {after:,}, {after / before:.1%})")
+    print(shapes_line(model))
     if args.format == "gguf":
         print(f"run with: llama-cli -m {out / gguf.file_name}")
         if args.sample:
@@ -74,6 +75,19 @@ def run(args: argparse.Namespace) -> int:
     if args.sample:
         print(f"sample: {sample(model, tokenizer, args.sample)!r}")
     return 0
+
+
+def shapes_line(model) -> str:
+    """The compressed model's shapes: layers, query heads and MLP sizes per layer (one value when all agree)."""
+    from mi_opt.export import describe
+
+    shape = describe(model)
+
+    def per_layer(values: list) -> str:
+        return f"{values[0]} in every layer" if len(set(values)) == 1 else str(values)
+
+    return (f"shapes: {shape['n_layers']} layers; query heads {per_layer([h for h, _ in shape['heads']])}; "
+            f"MLP size {per_layer(shape['mlp_sizes'])}")
 
 
 def _plain(out: Path) -> bool:
