@@ -28,11 +28,25 @@ def layer_bits(plan: CompressionPlan, n_layers: int) -> list[int]:
     return bits
 
 
+def mlp_kept(plan: CompressionPlan, n_layers: int) -> dict[int, float]:
+    """Fraction of MLP neurons each kept, narrowed layer keeps (original numbering), from the sizes the
+    plan predicts; empty when it prunes none or predicts no sizes."""
+    kept = [i for i in range(n_layers) if i not in set(plan.drop_layers)]
+    sizes = plan.predicted.get("mlp_sizes") or []
+    if not plan.prune_neurons or len(sizes) != len(kept):
+        return {}
+    return {i: size / (size + len(plan.prune_neurons[i])) for i, size in zip(kept, sizes) if plan.prune_neurons.get(i)}
+
+
 def decision_chart(plan: CompressionPlan, n_heads: list[int], path: Path) -> Path:
-    """Per layer: kept or dropped, the fraction of heads kept, and the bit width."""
+    """Per layer: kept or dropped, the fraction of heads kept, the bit width, and (a black tick)
+    the fraction of MLP neurons kept."""
     n_layers = len(n_heads)
     bits = layer_bits(plan, n_layers)
+    neurons = mlp_kept(plan, n_layers)
     fig, ax = plt.subplots(figsize=(max(6, 0.32 * n_layers), 3.2))
+    if neurons:
+        ax.scatter(list(neurons), list(neurons.values()), marker="_", s=200, color="black", zorder=3)
     for i in range(n_layers):
         if i in plan.drop_layers:
             ax.bar(i, 1, color="white", edgecolor="#b23a48", hatch="xx", linewidth=0.8)
@@ -41,10 +55,12 @@ def decision_chart(plan: CompressionPlan, n_heads: list[int], path: Path) -> Pat
         ax.bar(i, kept, color=BIT_COLORS[bits[i]], edgecolor="black", linewidth=0.4)
     legend = [Patch(facecolor="white", edgecolor="#b23a48", hatch="xx", label="layer dropped")]
     legend += [Patch(color=c, label=f"{b}-bit") for b, c in BIT_COLORS.items() if b in bits or b == 16]
+    if neurons:
+        legend.append(Patch(color="black", label="MLP neurons kept"))
     ax.legend(handles=legend, loc="lower right", fontsize=8, ncol=4)
     ax.set_ylim(0, 1.15)
     ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of heads kept")
+    ax.set_ylabel("fraction of heads kept" + (" (ticks: neurons)" if neurons else ""))
     ax.set_title("Decisions per layer")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -58,3 +58,12 @@ def test_a_neuron_plan_runs_end_to_end(neuron_planner, tmp_path):
     report = result.report.read_text()
     assert "Pruned 64 MLP neurons in 4 layers (uniform mode)" in report and "[48, 48, 48, 48]" in report
     assert "Removed 64 MLP neurons" in (result.folder / "checkpoint" / "README.md").read_text()
+
+
+def test_the_decision_chart_marks_the_neurons_kept(tmp_path):
+    from mi_opt.report import decision_chart, mlp_kept
+
+    plan = CompressionPlan(model={}, drop_layers=[1], prune_neurons={0: [1, 2], 1: [3], 3: list(range(32))},
+                           neuron_mode="free", predicted={"mlp_sizes": [62, 64, 32]})
+    assert mlp_kept(plan, 4) == {0: 62 / 64, 3: 0.5}  # layer 1 is dropped, layer 2 untouched
+    assert decision_chart(plan, [4, 4, 4, 4], tmp_path / "d.png").stat().st_size > 0
