@@ -66,7 +66,7 @@ def load_any(spec: str, dtype: str = "fp32", device: str = "cpu", trust_remote_c
     """(model, tokenizer, folder or None) for a bundled name, folder, mi-opt export, .gguf or hub id.
 
     mi-opt exports (a folder with the compression sidecar) go through load_compressed, which
-    rebuilds per-layer head counts and quantized modules plain transformers cannot express.
+    rebuilds per-layer head counts, MLP sizes and quantized modules plain transformers cannot express.
     """
     from mi_opt.models import load_model, resolve_model_path
 
