@@ -54,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
         from mi_opt.formats.gguf import apply_structure_
         from mi_opt.formats.gguf_types import GgufOptions
 
+        from mi_opt.formats.gguf_families import check_plan_mlp_sizes
+
         gguf = GgufOptions(float_type=args.gguf_float, types={4: args.gguf_4bit}, vocab_from=args.gguf_vocab)
+        check_plan_mlp_sizes(model, plan)  # per-layer MLP sizes: refused before the surgery
         apply_structure_(model, plan)  # the GGUF writer quantizes from the unquantized weights
     else:
         apply_(model, plan)

@@ -111,8 +111,8 @@ def _check_shapes(student: nn.Module, teacher: nn.Module, plan: CompressionPlan,
         raise MiOptError(f"the student has {get_adapter(student).n_layers()} layers but the plan leaves {expected}: "
                          "heal the model that apply_(model, plan) returned")
     if config.hidden_weight and not blocks:
-        raise MiOptError("heal.hidden_weight matches hidden states at removed layers or pruned heads or neurons; this plan has "
-                         "neither: set it to 0")
+        raise MiOptError("heal.hidden_weight matches hidden states at removed layers or pruned heads or neurons; "
+                         "this plan has none of them: set it to 0")
     if config.uses_local and any(quantized_names(get_adapter(student).layers()[i]) for i in _block_layers(blocks)):
         raise MiOptError("heal.method 'local' cannot fit layers that hold quantized modules; use method 'distill' "
                          "(LoRA adapters on them)")
@@ -225,8 +225,8 @@ def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config:
     blocks = damage_blocks(plan, get_adapter(teacher).n_layers(), config.radius)
     _check_shapes(student, teacher, plan, config, blocks)
     if config.uses_local and not blocks:
-        raise MiOptError("heal.method 'local' repairs removed layers and pruned heads or neurons; this plan only quantizes: "
-                         "use method 'distill' (LoRA on the quantized modules)")
+        raise MiOptError("heal.method 'local' repairs removed layers and pruned heads or neurons; this plan only "
+                         "quantizes: use method 'distill' (LoRA on the quantized modules)")
     if lora_layers(student):
         raise MiOptError("the student already carries unmerged LoRA adapters (a checkpoint healed with "
                          "heal.adapters 'keep'): heal the checkpoint from before that heal")

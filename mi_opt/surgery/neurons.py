@@ -67,7 +67,8 @@ def _check_full_precision(adapter, layer_index: int) -> None:
     projections = [*adapter.mlp_input_projections(layer), adapter.mlp_output_projection(layer)]
     quantized = [type(m).__name__ for m in projections if not adapter.is_full_precision_linear(m)]
     if quantized:
-        raise MiOptError(f"layer {layer_index}: cannot prune MLP neurons of a quantized layer ({', '.join(quantized)}); "
+        raise MiOptError(f"layer {layer_index}: cannot prune MLP neurons of a quantized layer "
+                         f"({', '.join(quantized)}); "
                          "prune neurons before quantizing (apply_ does both in that order, from the unquantized model)")
 
 

@@ -44,3 +44,12 @@ def test_apply_prints_the_mlp_sizes_and_the_right_parameter_count(tmp_path, caps
     assert "MLP size [61, 64, 14, 64]" in printed and "load_compressed" in printed
     assert json.loads((tmp_path / "f" / SIDECAR).read_text())["parameters"] == plan.predicted["parameters"]
     assert sum(p.numel() for p in load_compressed(tmp_path / "f").parameters()) == plan.predicted["parameters"]
+
+
+def test_apply_refuses_per_layer_mlp_sizes_for_gguf_before_any_surgery(tmp_path, capsys):
+    folder = str(save_tiny(tmp_path / "model"))
+    path, _ = _plan_file(tmp_path, folder, prune_neurons={0: [1, 2, 3]}, neuron_mode="free")
+    out = tmp_path / "g"
+    assert main(["apply", folder, str(path), "--out", str(out), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "MLP sizes differ per layer" in err and "neuron_mode 'uniform'" in err and not out.exists()

@@ -57,6 +57,7 @@ def test_per_layer_mlp_sizes_are_refused_before_anything_is_written(tmp_path):
 
 def test_the_plan_check_skips_dropped_layers():
     model = tiny_model("llama")
-    check_plan_mlp_sizes(model, _plan(model, drop_layers=[1], prune_neurons={0: [0], 2: [1], 3: [2]}, neuron_mode="free"))
+    plan = _plan(model, drop_layers=[1], prune_neurons={0: [0], 2: [1], 3: [2]}, neuron_mode="free")
+    check_plan_mlp_sizes(model, plan)
     with pytest.raises(MiOptError, match="differ per layer"):
         check_plan_mlp_sizes(model, _plan(model, prune_neurons={0: [0], 2: [1], 3: [2]}, neuron_mode="free"))
