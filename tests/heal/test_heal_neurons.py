@@ -72,3 +72,28 @@ def test_kept_lora_adapters_on_narrowed_mlps_reload(tokenizer, tmp_path):
     reloaded = load_compressed(out)
     assert mlp_sizes(reloaded) == [64, 24, 64, 32]
     torch.testing.assert_close(_logits(reloaded), healed, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_heal_heals_a_free_neuron_checkpoint(tmp_path, capsys):
+    from tiny import save_tiny
+
+    from mi_opt.artifacts import model_fingerprint
+    from mi_opt.cli import main
+    from mi_opt.models import load_model
+
+    folder = str(save_tiny(tmp_path / "model"))
+    model, _ = load_model(folder)
+    plan = CompressionPlan(model={"spec": folder, "fingerprint": model_fingerprint(model), "n_layers": 4},
+                           prune_neurons=PLAN.prune_neurons, neuron_mode="free")
+    plan.save(tmp_path / "plan.json")
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "healed"
+    assert main(["apply", folder, str(tmp_path / "plan.json"), "--out", str(checkpoint)]) == 0
+    options = {"source": "kjv", "batch_size": 2, "seq_len": 16, "local_steps": 10, "local_windows": 4,
+               "local_lr": 1e-3}
+    assert main(["heal", str(checkpoint), "--teacher", folder, "--out", str(out), "--method", "local",
+                 *[f"--option={k}={v}" for k, v in options.items()]]) == 0
+    assert "healed:" in capsys.readouterr().out
+    healed = load_compressed(out)
+    assert mlp_sizes(healed) == [64, 24, 64, 32]
+    with torch.no_grad():
+        assert not torch.equal(_logits(healed), _logits(load_compressed(checkpoint)))
