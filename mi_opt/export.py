@@ -1,10 +1,11 @@
 """Write a compressed model as a checkpoint, verify it reloads identically, and load it back.
 
 Layer-dropped, uniformly head- or neuron-pruned and uniformly quantized models load with plain
-`AutoModelForCausalLM.from_pretrained`; per-layer head counts or MLP sizes and mixed bit widths need
-`load_compressed`, which rebuilds the shapes from the sidecar (mi-opt-compression.json,
-mi_opt.checkpoint_shapes) before loading the weights, the way PEFT adapters are rebuilt. LoRA adapters a heal kept
-unmerged are written beside the weights in PEFT's format (`adapter/`) and applied on load.
+`AutoModelForCausalLM.from_pretrained`; per-layer head counts or MLP sizes and mixed bit widths
+need `load_compressed`, which rebuilds the shapes from the sidecar (mi-opt-compression.json;
+mi_opt.checkpoint_shapes) before loading the weights, the way PEFT adapters are rebuilt. LoRA
+adapters a heal kept unmerged are written beside the weights in PEFT's format (`adapter/`) and
+applied on load.
 
 Weights that stay unquantized are stored in bf16 by default (dtype="auto"): a model computing in
 fp32 is stored at half the bytes, one computing in fp16 or bf16 keeps its own dtype. The loaded

@@ -52,9 +52,8 @@ def run(args: argparse.Namespace) -> int:
     gguf = None
     if args.format == "gguf":
         from mi_opt.formats.gguf import apply_structure_
-        from mi_opt.formats.gguf_types import GgufOptions
-
         from mi_opt.formats.gguf_families import check_plan_mlp_sizes
+        from mi_opt.formats.gguf_types import GgufOptions
 
         gguf = GgufOptions(float_type=args.gguf_float, types={4: args.gguf_4bit}, vocab_from=args.gguf_vocab)
         check_plan_mlp_sizes(model, plan)  # per-layer MLP sizes: refused before the surgery

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import versions, write_json
 from mi_opt.errors import MiOptError
-from mi_opt.formats.gguf_families import check_plan_mlp_sizes, gguf_family, permute_rows
+from mi_opt.formats.gguf_families import gguf_family, permute_rows
 from mi_opt.formats.gguf_types import GgufOptions, tensor_types
 from mi_opt.plan import CompressionPlan
 
@@ -84,13 +84,11 @@ def vocab_path(spec: str, options: GgufOptions) -> Path:
     return path
 
 
-def check_gguf_export(model: nn.Module, spec: str, options: GgufOptions, plan: CompressionPlan | None = None) -> None:
-    """What export_gguf would refuse about this (unpruned) model and its tokenizer source, and about the
-    MLP sizes `plan` would leave, checked before any work."""
+def check_gguf_export(model: nn.Module, spec: str, options: GgufOptions) -> None:
+    """What export_gguf would refuse about this model and its tokenizer source, checked before any work
+    (what a plan would leave: `check_plan_mlp_sizes`, once the plan exists)."""
     options.mapping()
     gguf_family(model).check(model)
-    if plan is not None:
-        check_plan_mlp_sizes(model, plan)
     vocab_path(spec, options)
 
 

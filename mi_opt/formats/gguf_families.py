@@ -19,6 +19,7 @@ from torch import nn
 
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
+from mi_opt.plan import CompressionPlan
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -52,7 +53,7 @@ def check_mlp_sizes(sizes: list[int]) -> None:
                          "every layer); prune neurons with neuron_mode 'uniform', or use the safetensors export")
 
 
-def check_plan_mlp_sizes(model: nn.Module, plan) -> None:
+def check_plan_mlp_sizes(model: nn.Module, plan: CompressionPlan) -> None:
     """check_mlp_sizes for the model `plan` would leave, asked of the unpruned model before any work."""
     adapter = get_adapter(model)
     dropped = set(plan.drop_layers)

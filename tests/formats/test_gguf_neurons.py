@@ -10,7 +10,7 @@ from tiny import tiny_model, tiny_windows
 from mi_opt.artifacts import model_fingerprint
 from mi_opt.errors import MiOptError
 from mi_opt.export import export, reference_logits
-from mi_opt.formats.gguf import apply_structure_, check_gguf_export
+from mi_opt.formats.gguf import apply_structure_
 from mi_opt.formats.gguf_families import check_plan_mlp_sizes
 from mi_opt.formats.gguf_types import GgufOptions
 from mi_opt.plan import CompressionPlan
@@ -48,7 +48,7 @@ def test_per_layer_mlp_sizes_are_refused_before_anything_is_written(tmp_path):
     plan = _plan(model, prune_neurons={0: [1, 2], 2: list(range(32))}, neuron_mode="free")
     message = r"MLP sizes differ per layer \(\[62, 64, 32, 64\]\).*neuron_mode 'uniform'.*safetensors export"
     with pytest.raises(MiOptError, match=message):  # asked of the unpruned model, as a run does first
-        check_gguf_export(model, "tiny", GgufOptions(), plan)
+        check_plan_mlp_sizes(model, plan)
     apply_structure_(model, plan)
     with pytest.raises(MiOptError, match=message):
         export(model, None, plan, tmp_path / "x", format="gguf")
