@@ -25,7 +25,10 @@ Metrics:
 First-order estimates are known to be poor where an ablation is large and the model is
 far from linear in it: whole layers and the residual stream (the block-skip ablation
 moves the whole residual stream), and units whose removal saturates the softmax. The
-profile's method["notes"] says so; prefer exact ablation for those units.
+profile's method["notes"] says so; prefer exact ablation for those units. For MLP neuron
+groups, RelP (Jafari et al. 2025) found attribution tracks ablation of MLP outputs poorly on
+GPT-2 small (Pearson 0.2); benchmarks/neuron_scorers.py measures it against exact group
+ablation on SmolLM2 (reports/neuron_scorers.md).
 """
 from __future__ import annotations
 
