@@ -100,7 +100,6 @@ def report(result: dict, out: Path, attribution, baselines: dict, magnitude, exa
         corr[f"weight_magnitude/{kind}/delta_loss"] = correlation(magnitude, reference, kind)
     for name, prof in baselines.items():
         corr[f"{name}/layer/delta_loss"] = correlation(prof, exact["layer"], "layer")
-        corr[f"{name}/layer/kl"] = correlation(prof, exact["layer"], "layer", "kl")
     write_json(out, result)
 
     print("\n| scorer vs exact ablation | units | metric | n | Spearman | Kendall |\n|---|---|---|---|---|---|")

@@ -61,7 +61,7 @@ def main() -> None:
     for name in args.runs.split(","):
         config = RUNS[name]
         profile = profile_ablation(model, windows, config, calibration={"source": "handbook"})
-        layers = [u.layer for u in enumerate_units(adapter, config.unit_kinds)]
+        layers = [u.layer for u in enumerate_units(adapter, config.unit_kinds, config.neuron_group)]
         est = estimate(shape, layers, args.n_samples, args.seq_len, batch_size=config.batch_size,
                        engine=config.engine, cache_stride=profile.cost.get("cache_stride", 1))
         runs.append({"run": name, "n_units": len(layers), "cache_stride": profile.cost.get("cache_stride", 1),

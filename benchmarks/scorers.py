@@ -172,9 +172,11 @@ def layer_methods(bench: Bench, model, windows, copy_windows) -> None:
         bench.method(name, "layers", desc, budgets)
 
     for seed in range(bench.args.random_seeds):
-        one_shot(f"random (seed {seed})", f"random[seed{seed}]", "seeded random scores", extra={"seed": seed})
-    one_shot("weight magnitude", "weight_magnitude[layer]", "L2 norm of the layer's weights")
-    one_shot("block influence (ShortGPT)", "block_influence[layer]", "1 - cos(layer input, output), one-shot")
+        one_shot(f"random (seed {seed})", f"random[seed{seed}]", "seeded random scores", extra={"seed": seed}, metric="delta_loss")
+    # Non-causal scores live under delta_loss only (profile schema v2: their kl is None).
+    one_shot("weight magnitude", "weight_magnitude[layer]", "L2 norm of the layer's weights", metric="delta_loss")
+    one_shot("block influence (ShortGPT)", "block_influence[layer]", "1 - cos(layer input, output), one-shot",
+             metric="delta_loss")
     if "angular distance (Gromov)" not in have:
         budgets = {}
         for k in LAYER_BUDGETS:
@@ -208,7 +210,7 @@ def layer_methods(bench: Bench, model, windows, copy_windows) -> None:
                                      [str(k) for k in LAYER_BUDGETS], candidates=6))
     # The same, scored on prose + repeated prose (in-context copying, which few-shot prompts use).
     one_shot("block influence, prose + repeated prose", "block_influence[layer,repeat]",
-             "block influence on prose + repeated-prose windows", data=copy_windows)
+             "block influence on prose + repeated-prose windows", data=copy_windows, metric="delta_loss")
     one_shot("ablation (KL), prose + repeated prose", "ablation[layer,repeat]",
              "exact ablation, KL, on prose + repeated-prose windows", data=copy_windows)
     searched("ablation (KL), iterative, prose + repeated prose", "ablation[layer,repeat]",
@@ -256,8 +258,8 @@ def head_methods(bench: Bench, model, windows, copy_windows) -> None:
         bench.method(name, "heads", desc, budgets)
 
     for seed in range(bench.args.random_seeds):
-        one_shot(f"random (seed {seed})", f"random[head,seed{seed}]", "seeded random scores", extra={"seed": seed})
-    one_shot("weight magnitude", "weight_magnitude[head]", "L2 norm of the head's q rows and o columns")
+        one_shot(f"random (seed {seed})", f"random[head,seed{seed}]", "seeded random scores", extra={"seed": seed}, metric="delta_loss")
+    one_shot("weight magnitude", "weight_magnitude[head]", "L2 norm of the head's q rows and o columns", metric="delta_loss")
     one_shot("attribution (KL)", "attribution[head]", "attribution patching, second-order KL estimate")
     one_shot("attribution (delta loss)", "attribution[head]", "attribution patching, first order",
              metric="delta_loss")
@@ -289,6 +291,8 @@ def correlations(bench: Bench) -> None:
         if not all(k in prof.scores for k in keys):
             continue
         for metric in ("kl", "delta_loss"):
+            if not prof.has_metric(metric):  # non-causal scorers measure no KL (profile schema v2)
+                continue
             a, b = [prof.score(k, metric) for k in keys], [ref.score(k, metric) for k in keys]
             bench.data["correlations"][f"{path.stem}/{kind}/{metric}"] = {
                 "n": len(keys), "spearman": round(float(spearmanr(a, b)[0]), 4),

@@ -215,7 +215,7 @@ def profile_distributed(model, windows: torch.Tensor, config: AblationConfig | N
     if n_shards < 1 or timeout_s <= 0:
         raise MiOptError(f"n_shards must be >= 1 and timeout_s > 0, got {n_shards} and {timeout_s}")
     started = time.perf_counter()
-    unit_order = [u.key for u in enumerate_units(get_adapter(model), config.unit_kinds)]
+    unit_order = [u.key for u in enumerate_units(get_adapter(model), config.unit_kinds, config.neuron_group)]
     plan = assign_units(unit_order, n_shards)
     mine = [(i, units) for i, units in enumerate(plan) if i % info.world_size == info.rank and units]
     distributed = info.world_size > 1 or (dist.is_available() and dist.is_initialized())

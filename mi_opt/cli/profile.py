@@ -12,7 +12,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.profile.ablation import ENGINES, AblationConfig
 from mi_opt.profile.interventions import ABLATIONS
 from mi_opt.recipe import DataSection
-from mi_opt.units import KINDS
+from mi_opt.units import KINDS, NEURON_GROUP
 
 _DATA, _ABLATION = DataSection(), AblationConfig()
 
@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"windows per forward (standard errors are across batches; ablation: {_ABLATION.batch_size})")
     p.add_argument("--ablation", choices=list(ABLATIONS), default=None, help=f"default {_ABLATION.ablation}")
     p.add_argument("--units", default=None, help=f"comma list from {','.join(KINDS)} (default: the scorer's)")
+    p.add_argument("--neuron-group", type=int, default=None,
+                   help=f"MLP neurons per 'neurons' unit (default {NEURON_GROUP}; scorers ablation, attribution, "
+                        "activation, wanda)")
     p.add_argument("--engine", choices=list(ENGINES), default=None, help=f"default {_ABLATION.engine}")
     p.add_argument("--ablations-per-forward", type=int, default=None,
                    help=f"default {_ABLATION.ablations_per_forward}")
@@ -107,13 +110,13 @@ def _scorer_options(args: argparse.Namespace) -> dict:
         options[key.strip()] = yaml.safe_load(value)
     flags = {"ablation": args.ablation, "unit_kinds": args.units, "batch_size": args.batch_size,
              "ablations_per_forward": args.ablations_per_forward, "engine": args.engine,
-             "cache_budget_mb": args.cache_budget_mb}
+             "cache_budget_mb": args.cache_budget_mb, "neuron_group": args.neuron_group}
     options.update({k: v for k, v in flags.items() if v is not None})
     return options
 
 
 def _print_summary(profile) -> None:
-    for kind in ("layer", "head"):
+    for kind, plural in (("layer", "layers"), ("head", "heads"), ("neurons", "neuron groups")):
         keys = sorted(profile.units(kind), key=lambda k: profile.score(k))
         if keys:
-            print(f"least important {kind}s: {', '.join(keys[:5])}; most: {', '.join(keys[-3:][::-1])}")
+            print(f"least important {plural}: {', '.join(keys[:5])}; most: {', '.join(keys[-3:][::-1])}")

@@ -53,6 +53,12 @@ def unit_scores(profile: ImportanceProfile, kind: str, metric: str) -> dict[str,
     keys = profile.units(kind)
     if not keys:
         raise MiOptError(f"the profile has no {kind} scores; profile with --units including {kind!r}")
+    missing = [k for k in keys if profile.score(k, metric) is None]
+    if missing:
+        scorer = profile.method.get("scorer", "its scorer")
+        raise MiOptError(f"the profile's scorer {scorer!r} measures no {metric} ({missing[0]} and "
+                         f"{len(missing) - 1} more have none); plan with metric 'delta_loss', or profile with "
+                         f"a causal scorer (ablation, attribution)")
     return {k: profile.score(k, metric) for k in keys}
 
 

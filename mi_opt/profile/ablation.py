@@ -25,7 +25,7 @@ from mi_opt.profile.engine import (CleanReference, LayerInputs, cache_stride, ca
 from mi_opt.profile.finite import check_batches
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, ablation_hooks
-from mi_opt.units import DEFAULT_KINDS, Unit, enumerate_units
+from mi_opt.units import DEFAULT_KINDS, NEURON_GROUP, Unit, enumerate_units
 
 ENGINES = ("fast", "naive")
 
@@ -33,8 +33,9 @@ ENGINES = ("fast", "naive")
 @dataclass
 class AblationConfig:
     ablation: str = "zero"                 # "zero" or "mean" (mean over calibration tokens)
-    unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score
+    unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score ("neurons" too: see neuron_group)
     batch_size: int = 4                    # calibration windows per forward; also the SE granularity
+    neuron_group: int = NEURON_GROUP       # consecutive MLP neurons per "neurons" unit
     ablations_per_forward: int = 2         # fast engine: ablations stacked along the batch dimension
     logit_chunk_tokens: int = 2048         # fast engine: tokens per chunk of the vocabulary projection
     engine: str = "fast"
@@ -48,8 +49,8 @@ class AblationConfig:
             raise MiOptError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
         if self.engine not in ENGINES:
             raise MiOptError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if min(self.batch_size, self.ablations_per_forward, self.logit_chunk_tokens) < 1:
-            raise MiOptError("batch_size, ablations_per_forward and logit_chunk_tokens must be >= 1")
+        if min(self.batch_size, self.ablations_per_forward, self.logit_chunk_tokens, self.neuron_group) < 1:
+            raise MiOptError("batch_size, ablations_per_forward, logit_chunk_tokens and neuron_group must be >= 1")
         if self.cache_budget_mb is not None and self.cache_budget_mb <= 0:
             raise MiOptError(f"cache_budget_mb must be > 0 (or None for no limit), got {self.cache_budget_mb}")
         self.unit_kinds = tuple(self.unit_kinds)
@@ -125,7 +126,7 @@ def profile_ablation(model, windows: torch.Tensor, config: AblationConfig | None
     config = config or AblationConfig()
     loaded = as_loaded(model, model_spec)
     model, adapter = loaded.model, loaded.adapter
-    all_units = enumerate_units(adapter, config.unit_kinds)
+    all_units = enumerate_units(adapter, config.unit_kinds, config.neuron_group)
     if units is not None:
         known = {u.key: u for u in all_units}
         unknown = [k for k in units if k not in known]

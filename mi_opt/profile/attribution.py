@@ -5,7 +5,8 @@ unit whose ablation moves the activation `a` at its ablation point from `a_clean
 `a_ablated` (the same points and replacement values as mi_opt/profile/interventions.py:
 block output -> block input (+ mean residual update), sublayer output -> 0 or its mean,
 a head's slice of the head-output projection's input -> 0 or its mean, a KV group = the
-sum over its query heads), the change of a metric M is estimated as
+sum over its query heads, a neuron group's columns of the MLP output projection's input -> 0
+or their means, the sum over its neurons), the change of a metric M is estimated as
 
     dM  ~=  grad_a M(a_clean) . (a_ablated - a_clean)        summed over batch and tokens.
 
@@ -24,7 +25,10 @@ Metrics:
 First-order estimates are known to be poor where an ablation is large and the model is
 far from linear in it: whole layers and the residual stream (the block-skip ablation
 moves the whole residual stream), and units whose removal saturates the softmax. The
-profile's method["notes"] says so; prefer exact ablation for those units.
+profile's method["notes"] says so; prefer exact ablation for those units. For MLP neuron
+groups, RelP (Jafari et al. 2025) found attribution tracks ablation of MLP outputs poorly on
+GPT-2 small (Pearson 0.2); benchmarks/neuron_scorers.py measures it against exact group
+ablation on SmolLM2 (reports/neuron_scorers.md).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from mi_opt.profile.engine import calibration_batches, collect_means, summarize
 from mi_opt.profile.finite import check_base_loss, check_batches
 from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.interventions import ABLATIONS, MeanActivations
-from mi_opt.units import DEFAULT_KINDS, Unit, enumerate_units
+from mi_opt.units import DEFAULT_KINDS, KINDS, NEURON_GROUP, Unit, enumerate_units
 
 NOTES = ("First-order (gradient x activation difference) estimates of the ablation effect. "
          "Known to be poor for whole layers and anything that moves the residual stream "
@@ -57,8 +61,9 @@ NOTES = ("First-order (gradient x activation difference) estimates of the ablati
 @dataclass
 class AttributionConfig:
     ablation: str = "zero"                 # "zero" or "mean" (mean over calibration tokens)
-    unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score
+    unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score ("neurons" too: see neuron_group)
     batch_size: int = 4                    # calibration windows per forward/backward; also the SE granularity
+    neuron_group: int = NEURON_GROUP       # consecutive MLP neurons per "neurons" unit
     kl_samples: int = 1                    # extra backward passes per batch for the KL estimate
     seed: int = 0                          # seeds the KL estimator's token and sign draws
 
@@ -66,11 +71,11 @@ class AttributionConfig:
         if self.ablation not in ABLATIONS:
             raise MiOptError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
         self.unit_kinds = tuple(self.unit_kinds)
-        unknown = set(self.unit_kinds) - set(DEFAULT_KINDS)
+        unknown = set(self.unit_kinds) - set(KINDS)
         if unknown or not self.unit_kinds:
-            raise MiOptError(f"unit_kinds must be a non-empty subset of {DEFAULT_KINDS}, got {self.unit_kinds}")
-        if self.batch_size < 1:
-            raise MiOptError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise MiOptError(f"unit_kinds must be a non-empty subset of {KINDS}, got {self.unit_kinds}")
+        if self.batch_size < 1 or self.neuron_group < 1:
+            raise MiOptError(f"batch_size and neuron_group must be >= 1, got {self.batch_size}, {self.neuron_group}")
         if self.kl_samples < 1:
             raise MiOptError(f"kl_samples must be >= 1 (each is one backward pass), got {self.kl_samples}")
 
@@ -99,6 +104,9 @@ class _Activations:
                 hooks.append(Hook(self.adapter.mlp(layer), self._store("mlp", i)))
             if self.kinds & {"head", "kv_group"}:
                 hooks.append(Hook(self.adapter.head_output_proj(layer), self._store_input("heads", i),
+                                  kind="forward_pre"))
+            if "neurons" in self.kinds:
+                hooks.append(Hook(self.adapter.mlp_output_projection(layer), self._store_input("neurons", i),
                                   kind="forward_pre"))
         return hooks
 
@@ -140,12 +148,19 @@ def _differences(acts: dict, keys: list, ablation: str, means: MeanActivations |
 
 
 def _unit_dots(adapter: ArchAdapter, units: list[Unit], grads: dict, diffs: dict) -> dict[str, float]:
-    """grad . diff per unit; head slices come from one product per layer."""
-    out, per_head = {}, {}
+    """grad . diff per unit; head slices and neuron groups come from one product per layer."""
+    out, per_head, per_neuron = {}, {}, {}
     for unit in units:
         if unit.kind in ("layer", "attn", "mlp"):
             key = (unit.kind, unit.layer)
             out[unit.key] = (grads[key] * diffs[key]).sum().item()
+            continue
+        if unit.kind == "neurons":
+            if unit.layer not in per_neuron:  # summed over batch and tokens, one value per neuron
+                key = ("neurons", unit.layer)
+                prod = grads[key] * diffs[key]
+                per_neuron[unit.layer] = prod.reshape(-1, prod.shape[-1]).sum(0)
+            out[unit.key] = per_neuron[unit.layer][unit.index:unit.stop].sum().item()
             continue
         if unit.layer not in per_head:
             geo = adapter.heads(unit.layer)
@@ -173,7 +188,7 @@ def profile_attribution(model, windows: torch.Tensor, config: AttributionConfig 
     config = config or AttributionConfig()
     loaded = as_loaded(model, model_spec)
     model, adapter = loaded.model, loaded.adapter
-    units = enumerate_units(adapter, config.unit_kinds)
+    units = enumerate_units(adapter, config.unit_kinds, config.neuron_group)
     kinds = {u.kind for u in units}
     batches = calibration_batches(windows, config.batch_size, adapter.input_device())
     generator = None  # made on the logits' device, which differs from the input's under dispatch

@@ -1,9 +1,9 @@
 """Baseline scorers from the efficiency literature, in the ImportanceProfile format.
 
 They exist to be compared with causal ablation, so each is computed as its paper defines
-it, and stored so that planners can use it unchanged: `delta_loss` (and `kl`, the same
-number) hold the scorer's score, higher = more important for every scorer, so a planner
-always drops the lowest. method["score_meaning"] says what the number is.
+it, and stored so that planners can use it unchanged: `delta_loss` holds the scorer's score,
+higher = more important for every scorer, so a planner always drops the lowest; `kl` is
+None (profile schema v2), since none of them measures a KL. method["score_meaning"] says what the number is.
 
 - block_influence (ShortGPT, Men et al. 2024): 1 - cos(layer input, layer output), the
   mean over every calibration token. A layer that changes its input a lot is important.
@@ -120,9 +120,9 @@ def _profile(model, adapter, spec, method: dict, calibration: dict | None, score
 
 
 def _score(values: list[float] | float) -> UnitScore:
-    """The same score in both metric fields, so a planner ranks by it whatever metric it reads."""
+    """The score under delta_loss only: a planner asking for kl is told this scorer has none."""
     mean, se = mean_and_se(values) if isinstance(values, list) else (float(values), None)
-    return UnitScore(delta_loss=mean, delta_loss_se=se, kl=mean, kl_se=se)
+    return UnitScore(delta_loss=mean, delta_loss_se=se)
 
 
 # --- block influence and angular distance ------------------------------------------

@@ -5,6 +5,9 @@ Each unit is ablated where its contribution enters the residual stream:
   attn, mlp  the sublayer's output is replaced by zeros or its mean
   head, KV   the head's slice of the head-output projection's input (the adapter's head_output_proj) is
              replaced by zeros or its mean; a KV group ablates all heads that read it.
+  neurons    the group's columns of the MLP output projection's input (every neuron's activation,
+             the adapter's mlp_output_projection) are replaced by zeros or their means: zeroing
+             them is exactly what slicing the neurons out of the MLP computes.
 `rows` restricts an intervention to a slice of the batch, so several ablations can share
 one forward pass.
 """
@@ -16,7 +19,7 @@ import torch
 
 from mi_opt.arch import ArchAdapter
 from mi_opt.hooks import Hook
-from mi_opt.units import Unit
+from mi_opt.units import Unit, check_neurons
 
 ABLATIONS = ("zero", "mean")
 
@@ -35,7 +38,7 @@ def _with_main(output, main: torch.Tensor):
 
 @dataclass
 class MeanActivations:
-    """Per-layer means over every calibration token (keys: ("layer"|"attn"|"mlp"|"heads", L))."""
+    """Per-layer means over every calibration token (keys: ("layer"|"attn"|"mlp"|"heads"|"neurons", L))."""
 
     means: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
@@ -59,6 +62,8 @@ def mean_collection_hooks(adapter: ArchAdapter, sums: dict, counts: dict) -> lis
         hooks.append(Hook(adapter.attention(layer), lambda m, a, out, i=i: accumulate(("attn", i), _main(out))))
         hooks.append(Hook(adapter.mlp(layer), lambda m, a, out, i=i: accumulate(("mlp", i), _main(out))))
         hooks.append(Hook(adapter.head_output_proj(layer), lambda m, a, i=i: accumulate(("heads", i), a[0]),
+                          kind="forward_pre"))
+        hooks.append(Hook(adapter.mlp_output_projection(layer), lambda m, a, i=i: accumulate(("neurons", i), a[0]),
                           kind="forward_pre"))
     return hooks
 
@@ -90,6 +95,9 @@ def ablation_hooks(adapter: ArchAdapter, unit: Unit, ablation: str, means: MeanA
             return _with_main(output, main)
         return [Hook(module, replace_output)]
 
+    if unit.kind == "neurons":
+        return _neuron_hooks(adapter, unit, means if use_mean else None, rows)
+
     geo = adapter.heads(unit.layer)
     heads = [unit.index] if unit.kind == "head" else range(unit.index * geo.group_size,
                                                            (unit.index + 1) * geo.group_size)
@@ -103,3 +111,16 @@ def ablation_hooks(adapter: ArchAdapter, unit: Unit, ablation: str, means: MeanA
         x[rows] = sub
         return (x, *args[1:])
     return [Hook(adapter.head_output_proj(layer), replace_heads, kind="forward_pre")]
+
+
+def _neuron_hooks(adapter: ArchAdapter, unit: Unit, means: MeanActivations | None, rows: slice) -> list[Hook]:
+    check_neurons(adapter, unit)  # a group past the MLP's width would index silently wrong columns
+    layer = adapter.layers()[unit.layer]
+    cols = slice(unit.index, unit.stop)  # a group is consecutive neurons: a view, no gather
+    mean = means.get("neurons", unit.layer)[cols] if means is not None else None
+
+    def replace_neurons(module, args):
+        x = args[0].clone()
+        x[rows, ..., cols] = 0 if mean is None else mean.to(x)
+        return (x, *args[1:])
+    return [Hook(adapter.mlp_output_projection(layer), replace_neurons, kind="forward_pre")]

@@ -4,7 +4,8 @@
     profile = run_scorer("block_influence", model, windows, {"batch_size": 8})
 
 Each scorer returns an `ImportanceProfile` whose `delta_loss` ranks units (higher = more
-important), so planners, reports and benchmarks treat them alike.
+important), so planners, reports and benchmarks treat them alike; `kl` is None where a scorer
+measures no KL (profile schema v2).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mi_opt.profile.baselines import (AngularDistanceConfig, BlockInfluenceConfi
                                       profile_block_influence, profile_random, profile_weight_magnitude)
 from mi_opt.profile.finite import check_profile
 from mi_opt.profile.importance import ImportanceProfile
+from mi_opt.profile.neuron_stats import ActivationConfig, WandaConfig, profile_activation, profile_wanda
 from mi_opt.registry import Registry
 
 
@@ -66,6 +68,8 @@ for _scorer in (
     Scorer("angular_distance", AngularDistanceConfig, profile_angular_distance),
     Scorer("weight_magnitude", WeightMagnitudeConfig, profile_weight_magnitude, needs_data=False),
     Scorer("random", RandomConfig, profile_random, needs_data=False),
+    Scorer("activation", ActivationConfig, profile_activation),   # MLP neuron groups only
+    Scorer("wanda", WandaConfig, profile_wanda),                 # MLP neuron groups only
 ):
     SCORERS.register(_scorer.name)(_scorer)
 

@@ -17,7 +17,7 @@ def test_profile_writes_json_and_plots(tiny_folder, tmp_path, capsys):
                  "--batch-size", "2", "--ablation", "mean", "--out", str(out)])
     assert code == 0
     profile = json.loads((out / "profile.json").read_text())
-    assert profile["schema"] == "mi-opt/importance-profile" and profile["version"] == 1
+    assert profile["schema"] == "mi-opt/importance-profile" and profile["version"] == 2
     assert profile["calibration"]["source"] == "kjv" and profile["method"]["ablation"] == "mean"
     assert len(profile["scores"]) == 4 * 9
     assert (out / "heads.png").exists() and (out / "layers.png").exists()

@@ -42,7 +42,7 @@ def test_block_influence_is_one_minus_cosine_of_input_and_output(family):
         per_batch = [1 - _cos(hs[i][b:b + 4], hs[i + 1][b:b + 4]).mean() for b in (0, 4)]
         expected = sum(per_batch).item() / 2
         assert profile.score(f"L{i}") == pytest.approx(expected, rel=1e-6)
-        assert profile.score(f"L{i}", "kl") == profile.score(f"L{i}")
+        assert profile.score(f"L{i}", "kl") is None  # schema v2: a baseline measures no KL
         assert profile.scores[f"L{i}"].delta_loss_se is not None
     assert profile.units() == [f"L{i}" for i in range(len(hs) - 1)]
     assert profile.base_loss is None and profile.cost["forwards"] == 2

@@ -10,10 +10,23 @@ from mi_opt.profile.importance import ImportanceProfile
 from mi_opt.profile.scorers import SCORERS, run_scorer
 
 EXPECTED = {"ablation", "attribution", "block_influence", "angular_distance", "weight_magnitude", "random"}
+NEURONS_ONLY = {"activation", "wanda"}  # MLP neuron-group scorers: no layer scores to compare
 
 
 def test_every_scorer_is_registered():
-    assert set(SCORERS.names()) == EXPECTED
+    assert set(SCORERS.names()) == EXPECTED | NEURONS_ONLY
+
+
+@pytest.mark.parametrize("name", sorted(NEURONS_ONLY | {"ablation", "attribution"}))
+def test_neuron_scorers_same_format_deterministic_and_round_trip(name, tmp_path):
+    model, ids = tiny_model("gpt2"), tiny_windows(4, 16)
+    options = {"unit_kinds": ("neurons",), "neuron_group": 32}
+    first = run_scorer(name, model, ids, options, progress=False)
+    assert first.scores == run_scorer(name, model, ids, options, progress=False).scores
+    assert first.units() == [f"L{i}.mlp.N{j}-{j + 31}" for i in range(4) for j in range(0, 128, 32)]
+    assert first.cost["wall_time_s"] >= 0 and first.method["neuron_group"] == 32
+    loaded = ImportanceProfile.load(first.save(tmp_path / "p.json"))
+    assert loaded.scores == first.scores
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
