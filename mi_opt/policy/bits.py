@@ -32,7 +32,7 @@ import numpy as np
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
 from mi_opt.plan import INT8_THRESHOLD, CompressionPlan, check_int8_threshold
-from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric
+from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, unit_scores
 from mi_opt.profile.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                               unit_sizes)
 from mi_opt.profile.importance import ImportanceProfile
@@ -175,7 +175,8 @@ def allocate_bits(damage: dict[str, dict[int, float]], sizes: dict[str, dict], c
 
 
 def _importance_damage(profile: ImportanceProfile, sens_units: list[str], config: BitsConfig) -> dict:
-    layer_scores = {parse_unit(k).layer: profile.score(k, config.metric) for k in profile.units("layer")}
+    scores = unit_scores(profile, "layer", config.metric) if profile.units("layer") else {}
+    layer_scores = {parse_unit(k).layer: v for k, v in scores.items()}
     missing = [k for k in sens_units if layer_of(k) not in layer_scores]
     if missing:
         raise MiOptError(f"score='importance' needs layer scores; the profile lacks {missing[:3]}")

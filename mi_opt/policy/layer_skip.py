@@ -127,7 +127,10 @@ def _search(profile: ImportanceProfile, config: LayerSkipConfig, ctx: PlanContex
     def choose(scores: dict[int, float], dropped: list[int]) -> list[int]:
         return choose_layers(scores, config, ctx, already=dropped, limit=config.step)
 
-    return greedy(_layer_scores(profile, config.metric), pool, choose, lambda d: _done(d, config, ctx), ctx.model,
+    # `metric` is what the re-scoring measures. A non-causal profile (block influence) has only
+    # its one score, stored as delta_loss: that score is then the first round's ranking.
+    first = config.metric if profile.has_metric(config.metric) or not config.rescore else "delta_loss"
+    return greedy(_layer_scores(profile, first), pool, choose, lambda d: _done(d, config, ctx), ctx.model,
                   ctx.windows, config.rescore, rescore_options(profile, config.rescore), config.metric,
                   config.candidates, ctx.progress)
 

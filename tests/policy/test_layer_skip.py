@@ -80,3 +80,17 @@ def test_impossible_budgets_and_bad_options_raise(llama_and_profile):
     with pytest.raises(MiOptError, match="fingerprint"):
         make_plan(profile, "layer-skip", {"n_drop": 1}, tiny_model("llama", seed=1))
     assert "layer-skip" in PLANNERS
+
+
+def test_non_causal_profile_ranks_first_round_by_its_score_when_rescoring_by_kl():
+    """The drop-quarter-layers-causal recipe: block influence (no kl) ranks, exact KL re-scores."""
+    from mi_opt.profile.scorers import run_scorer
+
+    model, windows = tiny_model("llama"), tiny_windows(4, 16)
+    profile = run_scorer("block_influence", model, windows, {"batch_size": 2}, progress=False)
+    plan = make_plan(profile, "layer-skip", {"n_drop": 1, "iterative": True, "rescore": "ablation", "candidates": 2,
+                                             "metric": "kl", "protect_first": 1, "protect_last": 1},
+                     model=model, windows=windows, progress=False)
+    assert len(plan.drop_layers) == 1 and plan.planner["rounds"]
+    with pytest.raises(MiOptError, match="measures no kl"):  # without re-scoring, kl is nowhere to be had
+        make_plan(profile, "layer-skip", {"n_drop": 1, "metric": "kl"}, model=model)
