@@ -11,7 +11,6 @@ average says other work competes for the CPUs, the result says so in words.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
