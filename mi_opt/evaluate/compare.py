@@ -110,7 +110,8 @@ def metrics_table(results: list[EvalResult], labels: list[str] | None = None, sp
     rows = [Metric("perplexity", [(r.perplexity or {}).get("perplexity") for r in results], False,
                    intervals=[(r.perplexity or {}).get("interval") for r in results],
                    changes=[None] + [perplexity_change(results[0].perplexity, r.perplexity) for r in results[1:]]),
-            Metric("bits per byte", [(r.perplexity or {}).get("bits_per_byte") for r in results], False)]
+            Metric("bits per byte", [(r.perplexity or {}).get("bits_per_byte") for r in results], False,
+                   intervals=[(r.perplexity or {}).get("bits_per_byte_interval") for r in results])]
     rows += _task_rows(results)
     rows += [_timing_row("prefill ms", "prefill_ms", results, labels, speed_ab, False, "speedup"),
              _timing_row("time to first token ms", "ttft_ms", results, labels, speed_ab, False, "speedup"),

@@ -74,7 +74,8 @@ def _itemized(scores, nll):
             "higher_is_better": {"exact_match": True}, "n": n, "score": score_summary(scores),
             "items": {"doc_id": list(range(n)), "score": list(scores), "prompt_hash": [f"h{i}" for i in range(n)]}}
     tokens = [31] * len(nll)
-    ppl = {"perplexity": 2.718 ** (sum(nll) / sum(tokens)), "bits_per_byte": 1.0, "windows_hash": "w",
+    ppl = {"perplexity": 2.718 ** (sum(nll) / sum(tokens)), "bits_per_byte": 1.0,
+           "bits_per_byte_interval": [0.9, 1.1], "windows_hash": "w",
            "window_nll_sum": list(nll), "window_tokens": tokens, **perplexity_summary(nll, tokens)}
     return EvalResult(model={"spec": "m"}, settings={}, perplexity=ppl, tasks={"t": task})
 
@@ -87,6 +88,8 @@ def test_identical_itemized_results_show_intervals_and_no_significance():
     assert not rows["perplexity"].change(1)["significant"] and not rows["task mean"].change(1)["significant"]
     table = comp.to_text().split("\n\n")[0]
     assert " *" not in table and "[" in table
+    assert rows["bits per byte"].interval(0) == [0.9, 1.1]  # shown beside bits per byte, as perplexity's
+    assert "| bits per byte | 1 [0.9, 1.1] |" in comp.to_markdown()
 
 
 def test_a_real_loss_is_marked_significant(tmp_path):
