@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -173,21 +174,34 @@ def _ratio(base: list[float], other: list[float], higher_is_faster: bool) -> dic
 
 def measure_ab(models: dict[str, nn.Module], config: SpeedConfig | None = None,
                device: str | torch.device | None = None, progress: bool = True,
-               limits: Reliability | None = None, threads: int | None = None) -> dict:
+               limits: Reliability | None = None, threads: int | None = None,
+               states: dict[str, Callable[[], AbstractContextManager]] | None = None) -> dict:
     """Time every model (the first is the baseline) in interleaved rounds; see the module doc.
 
     config.repetitions is the number of rounds and config.warmup the untimed runs per model.
+    states: label -> a context entered around each of that label's runs (never inside the timed
+    region), for a label that is another label's model in another state: the healed model with
+    its LoRA adapters set aside is the compressed model, and one copy in memory serves both.
     Returns the speed-ab artifact: per-model timing summaries, per-round ratios vs the baseline,
     the calibration kernel's times, and `warnings` in words (empty when the timings look sound).
     """
     config = config or SpeedConfig()
     labels = list(models)
+    states = states or {}
+    unknown = sorted(set(states) - set(labels))
+    if unknown:
+        raise MiOptError(f"an A/B timing got states for {', '.join(unknown)}, which it does not time")
     prompts = {label: speed_prompt(m, config, device) for label, m in models.items()}
     extras = {label: forward_kwargs(m) for label, m in models.items()}
     kernel_device = prompts[labels[0]][0]
 
     def runner(label: str) -> Callable[[], tuple[float, float, float]]:
-        return lambda: timed_generation(models[label], prompts[label][1], config.new_tokens, extras[label])
+        state = states.get(label, nullcontext)
+
+        def run() -> tuple[float, float, float]:
+            with state():
+                return timed_generation(models[label], prompts[label][1], config.new_tokens, extras[label])
+        return run
 
     from mi_opt.evaluate import torch_threads  # the same thread setting as evaluate(), restored after
 
@@ -244,15 +258,38 @@ def apply_ab(results: list, labels: list[str], ab: dict) -> None:
             result.speed["timing"] = "interleaved A/B"
 
 
+def shared_timing(ab: dict, label: str, like: str, why: str) -> dict:
+    """A copy of `ab` in which `label` shows `like`'s figures: a model with exactly `like`'s
+    modules and shapes does the same work, so timing it again would measure only the machine.
+    why: what makes them alike, in words (the report says it)."""
+    if like not in ab["per_model"] or like == ab["baseline"]:
+        raise MiOptError(f"{label} can share the timing of a timed model other than the baseline, not {like!r}")
+    return {**ab, "per_model": {**ab["per_model"], label: ab["per_model"][like]},
+            "vs_baseline": {**ab["vs_baseline"], label: ab["vs_baseline"][like]},
+            "shared": {**ab.get("shared", {}), label: {"like": like, "why": why}}}
+
+
 def summary_lines(ab: dict) -> list[str]:
-    """Report sentences: how the timing was done, and any reliability warning."""
+    """Report sentences: how the timing was done, which model shares another's figures, and any
+    reliability warning."""
     lines = [f"Speed: {', '.join(ab['labels'])} timed in the same process, {ab['rounds']} interleaved rounds "
              f"after {ab['warmup']} warm-up run(s) each, {ab['threads']} thread(s) on {ab['device']}; "
              "speedups are medians of per-round ratios, [low, high] their interquartile range."]
-    if ab["warnings"]:
-        lines.append("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
-                     "before trusting the speed rows.")
-    return lines
+    for label, view in ab.get("views", {}).items():
+        lines.append(f"{label} was timed as {view}.")
+    for label, shared in ab.get("shared", {}).items():
+        lines.append(f"{label} has {shared['why']}: it shares {shared['like']}'s shapes and speed, and shows "
+                     f"{shared['like']}'s timing from these rounds.")
+    warning = warning_line(ab)
+    return lines + ([warning] if warning else [])
+
+
+def warning_line(ab: dict) -> str | None:
+    """The reliability warning as one sentence, or None when the timing looks sound."""
+    if not ab["warnings"]:
+        return None
+    return ("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
+            "before trusting the speed rows.")
 
 
 def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
