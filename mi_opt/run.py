@@ -314,6 +314,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     from mi_opt.report import write_report
 
     folder.keep_only(ran + reused)
+    _record_disk_sizes(spec, base_eval, healed[0] if healed else comp_eval, folder.root / "checkpoint")
 
     report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval, healed, speed_ab)
     _log(f"report: {report}")
@@ -357,6 +358,26 @@ def _same_shapes(record) -> str:
     merged = record.trained.get("adapters") == "merged"
     return "the compressed model's shapes" + (" (its LoRA adapters merged into the weights)" if merged
                                               else " (healing changed weight values only)")
+
+
+def _record_disk_sizes(spec: str, original, exported, checkpoint: Path) -> None:
+    """Bytes on disk beside the in-memory sizes the evaluations measured, for the report: the
+    original's weight files where it loads from a local folder, and the exported checkpoint's for
+    the model it holds (the healed one when the run heals; the compressed model, never written,
+    has none of its own). The eval files keep what they
+    measured; only the report's results carry these (a model in fp32 in memory may be a bf16
+    checkpoint on disk, half the size)."""
+    from mi_opt.evaluate.speed import disk_bytes
+    from mi_opt.models import resolve_model_path
+
+    if original.speed is not None:
+        path, gguf = resolve_model_path(spec)  # a hub id is no path: its size on disk stays unknown
+        if gguf is not None:
+            original.speed["disk_bytes"] = (Path(path) / gguf).stat().st_size
+        elif isinstance(path, Path) and path.is_dir():
+            original.speed["disk_bytes"] = disk_bytes(path)
+    if exported.speed is not None and checkpoint.is_dir():
+        exported.speed["disk_bytes"] = disk_bytes(checkpoint)
 
 
 def _remove_heal_work(root: Path, keep: Path | None = None) -> None:

@@ -228,6 +228,13 @@ def test_one_copy_of_the_original_serves_the_speed_ab_and_the_heal_and_stays_unc
     prefill = next(r for r in table["rows"] if r["metric"] == "prefill ms")
     assert prefill["paired"]["t healed"] == prefill["paired"]["t"]
     assert "timed on its own" not in report
+    # sizes: in memory as evaluated, and on disk where files exist (the original's folder, the checkpoint)
+    from mi_opt.evaluate.speed import disk_bytes
+
+    size = next(r for r in table["rows"] if r["metric"] == "size on disk MB")["values"]
+    assert size["original"] * 1e6 == pytest.approx(disk_bytes(tiny_folder))
+    assert size["t healed"] * 1e6 == pytest.approx(disk_bytes(result.folder / "checkpoint")) and size["t"] is None
+    assert "| size MB |" in report and "| size on disk MB |" in report
 
 
 def test_kept_adapters_put_the_healed_model_in_the_same_ab_rounds(tiny_folder, tmp_path, monkeypatch):
