@@ -108,7 +108,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
                  speed_ab: dict | None = None) -> Path:
     """healed: (EvalResult, HealRecord) when the recipe heals, shown as a third column.
     speed_ab: the interleaved A/B timing of original and compressed (evaluate/ab_speed.py)."""
-    from mi_opt.evaluate.ab_speed import summary_lines
+    from mi_opt.evaluate.ab_speed import warning_line
     from mi_opt.evaluate.compare import Comparison
 
     n_heads = profile.model["heads"]
@@ -128,7 +128,7 @@ def write_report(root: Path, recipe, profile, plan: CompressionPlan, base_eval, 
           *(["## Recovery after compression", "", *[f"- {line}" for line in healed[1].summary()], ""]
             if healed else []),
           "## What it cost and what it gained", "",
-          *(summary_lines(speed_ab)[1:] + [""] if speed_ab and speed_ab["warnings"] else []),  # before the table
+          *([warning_line(speed_ab), ""] if speed_ab and speed_ab["warnings"] else []),  # before the table
           comparison.to_markdown(), "![pareto](pareto.png)", "",
           "## Why: importance profile", "",
           f"Scorer `{profile.method.get('scorer')}`"

@@ -106,6 +106,29 @@ class RunFolder:
         write_json(self.root / MANIFEST, {"schema": MANIFEST_SCHEMA, "version": 1, "stages": self.stages})
 
 
+class OriginalModel:
+    """The original model, loaded on first use and shared by the stages that need it beside the
+    compressed one: the speed A/B times it, the heal distils toward it (its teacher). One copy
+    serves both because neither changes its weights: the A/B only runs forward passes under
+    inference_mode, and heal_ only puts the teacher in eval mode with requires_grad off."""
+
+    def __init__(self, recipe: Recipe, trust_remote_code: bool = False):
+        self.recipe, self.trust_remote_code = recipe, trust_remote_code
+        self._model = None
+
+    def get(self):
+        if self._model is None:
+            from mi_opt.models import load_model
+
+            self._model, _ = load_model(self.recipe.model.name, dtype=self.recipe.model.dtype,
+                                        device=self.recipe.model.device, trust_remote_code=self.trust_remote_code)
+        return self._model
+
+    def release(self) -> None:
+        """Let the copy go before anything is measured alone (peak memory would count it)."""
+        self._model = None
+
+
 @dataclass
 class RunResult:
     folder: Path
@@ -127,6 +150,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     """
     from mi_opt.data import token_windows
     from mi_opt.evaluate import EvalResult, evaluate
+    from mi_opt.evaluate.ab_speed import shared_timing
     from mi_opt.models import load
     from mi_opt.plan import CompressionPlan
     from mi_opt.policy import make_plan
@@ -218,12 +242,14 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     healed_key = content_hash(heal_key, sections["evaluate"]) if recipe.heal else None
     export_key = content_hash(plan_key, heal_key, recipe.export.enabled, *([gguf] if gguf else []))
     # Speed is compared only within one A/B measurement of both models (never the cached baseline's).
-    ab_key = content_hash(plan_key, sections["evaluate"], *([gguf] if gguf else [])) \
-        if "speed" in recipe.evaluate.parts else None
+    # Kept LoRA adapters add compute: the healed model is then timed in the same rounds, after the heal.
+    healed_in_ab = bool(recipe.heal) and recipe.heal.adapters == "keep"
+    ab_key = content_hash(plan_key, sections["evaluate"], *([gguf] if gguf else []),
+                          *([heal_key] if healed_in_ab else [])) if "speed" in recipe.evaluate.parts else None
     need_ab = ab_key is not None and not folder.done("speed_ab", ab_key)
     need_healed = bool(recipe.heal) and not (
         folder.done("heal", heal_key) and folder.done("eval_healed", healed_key)
-        and (not recipe.export.enabled or folder.done("export", export_key)))
+        and (not recipe.export.enabled or folder.done("export", export_key)) and not (healed_in_ab and need_ab))
     if not folder.done("eval_compressed", compressed_key) or need_healed or need_ab or (
             recipe.export.enabled and not folder.done("export", export_key)):
         from mi_opt.surgery import apply_
@@ -253,16 +279,24 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         return result
 
     comp_eval = evaluated("eval_compressed", compressed_key, "compressed", recipe.name)
-    speed_ab = _speed_ab_stage(folder, ab_key, model, recipe, ran, reused, progress, trust_remote_code) \
-        if ab_key else None
+    original = OriginalModel(recipe, trust_remote_code)  # one copy for the A/B and the teacher
+    healed_label = f"{recipe.name} healed"
+    speed_ab = _speed_ab_stage(folder, ab_key, original, model, recipe, ran, reused, progress) \
+        if ab_key and not healed_in_ab else None
     healed = None
     if recipe.heal:
         record = _heal_stage(folder, heal_key, model, tokenizer, recipe, plan, need_healed, ran, reused, progress,
-                             trust_remote_code)
+                             original)
         loaded.changed()  # healed weights: the compressed model's description is stale
+        if ab_key and healed_in_ab:
+            speed_ab = _speed_ab_stage(folder, ab_key, original, model, recipe, ran, reused, progress, healed_label)
+        original.release()
         healed = (evaluated("eval_healed", healed_key, "healed", f"{recipe.name}, healed"), record)
+        if speed_ab and healed_label not in speed_ab["per_model"]:
+            speed_ab = shared_timing(speed_ab, healed_label, recipe.name, _same_shapes(record))
     else:
         _remove_heal_work(folder.root)
+    original.release()
     if recipe.export.enabled:
         if folder.done("export", export_key):
             reused.append("export")
@@ -284,33 +318,70 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     from mi_opt.report import write_report
 
     folder.keep_only(ran + reused)
+    _record_disk_sizes(spec, base_eval, healed[0] if healed else comp_eval, folder.root / "checkpoint")
 
     report = write_report(folder.root, recipe, profile, plan, base_eval, comp_eval, healed, speed_ab)
     _log(f"report: {report}")
     return RunResult(folder.root, report, ran, reused)
 
 
-def _speed_ab_stage(folder: RunFolder, key: str, model, recipe: Recipe, ran: list[str], reused: list[str],
-                    progress: bool, trust_remote_code: bool = False) -> dict:
-    """The original (loaded afresh) and the compressed `model` timed together in interleaved rounds."""
+def _speed_ab_stage(folder: RunFolder, key: str, original: OriginalModel, model, recipe: Recipe, ran: list[str],
+                    reused: list[str], progress: bool, healed_label: str | None = None) -> dict:
+    """The original and the compressed `model` timed together in interleaved rounds.
+
+    healed_label: `model` has been healed and keeps its LoRA adapters unmerged, which adds
+    compute: it is timed as the healed model, and with its adapters set aside (the compressed
+    model's own modules, the same tensors) as the compressed one, in the same rounds."""
     from mi_opt.evaluate.ab_speed import SCHEMA, VERSION, measure_ab
-    from mi_opt.models import load_model
 
     path = folder.root / "speed_ab.json"
     if folder.done("speed_ab", key):
         reused.append("speed_ab")
         return read_json(path, SCHEMA, VERSION)
     folder.forget("speed_ab")
-    _log("timing the original and the compressed model together (interleaved A/B rounds)")
-    original, _ = load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device,
-                             trust_remote_code=trust_remote_code)
-    ab = measure_ab({"original": original, recipe.name: model}, recipe.evaluate.speed, recipe.evaluate.device,
-                    progress, threads=recipe.evaluate.threads)
-    del original
+    models, states, views = {"original": original.get(), recipe.name: model}, {}, {}
+    if healed_label:
+        from mi_opt.adapters import set_aside
+
+        models[healed_label] = model
+        states[recipe.name] = functools.partial(set_aside, model)
+        views[recipe.name] = f"{healed_label} with its LoRA adapters set aside (the compressed model's modules)"
+    _log(f"timing {', '.join(models)} together (interleaved A/B rounds)")
+    ab = measure_ab(models, recipe.evaluate.speed, recipe.evaluate.device, progress, threads=recipe.evaluate.threads,
+                    states=states)
+    if views:
+        ab["views"] = views
     write_json(path, ab)
     folder.mark("speed_ab", key, [path.name])
     ran.append("speed_ab")
     return ab
+
+
+def _same_shapes(record) -> str:
+    """Why a healed model computes exactly what the compressed one does, in words."""
+    merged = record.trained.get("adapters") == "merged"
+    return "the compressed model's shapes" + (" (its LoRA adapters merged into the weights)" if merged
+                                              else " (healing changed weight values only)")
+
+
+def _record_disk_sizes(spec: str, original, exported, checkpoint: Path) -> None:
+    """Bytes on disk beside the in-memory sizes the evaluations measured, for the report: the
+    original's weight files where it loads from a local folder, and the exported checkpoint's for
+    the model it holds (the healed one when the run heals; the compressed model, never written,
+    has none of its own). The eval files keep what they
+    measured; only the report's results carry these (a model in fp32 in memory may be a bf16
+    checkpoint on disk, half the size)."""
+    from mi_opt.evaluate.speed import disk_bytes
+    from mi_opt.models import resolve_model_path
+
+    if original.speed is not None:
+        path, gguf = resolve_model_path(spec)  # a hub id is no path: its size on disk stays unknown
+        if gguf is not None:
+            original.speed["disk_bytes"] = (Path(path) / gguf).stat().st_size
+        elif isinstance(path, Path) and path.is_dir():
+            original.speed["disk_bytes"] = disk_bytes(path)
+    if exported.speed is not None and checkpoint.is_dir():
+        exported.speed["disk_bytes"] = disk_bytes(checkpoint)
 
 
 def _remove_heal_work(root: Path, keep: Path | None = None) -> None:
@@ -321,12 +392,11 @@ def _remove_heal_work(root: Path, keep: Path | None = None) -> None:
 
 
 def _heal_stage(folder: RunFolder, key: str, model, tokenizer, recipe: Recipe, plan, need_weights: bool,
-                ran: list[str], reused: list[str], progress: bool, trust_remote_code: bool = False):
-    """Heal the compressed `model` in place toward a fresh copy of the original (or put back the
-    healed weights of a finished heal); returns the HealRecord. A killed heal resumes from its
-    last distillation checkpoint in heal-work-<key>/."""
+                ran: list[str], reused: list[str], progress: bool, original: OriginalModel):
+    """Heal the compressed `model` in place toward the original (or put back the healed weights
+    of a finished heal); returns the HealRecord. A killed heal resumes from its last
+    distillation checkpoint in heal-work-<key>/."""
     from mi_opt.heal import WEIGHTS, HealRecord, heal_, load_changed_, save_changed
-    from mi_opt.models import load_model
 
     if folder.done("heal", key):
         _remove_heal_work(folder.root)  # left by a kill between the heal's end and this cleanup
@@ -339,10 +409,7 @@ def _heal_stage(folder: RunFolder, key: str, model, tokenizer, recipe: Recipe, p
     work = folder.root / f"{HEAL_WORK}{key}"
     _remove_heal_work(folder.root, keep=work)
     _log(f"healing ({recipe.heal.method}, train {recipe.heal.train}) toward the original model")
-    teacher, _ = load_model(recipe.model.name, dtype=recipe.model.dtype, device=recipe.model.device,
-                            trust_remote_code=trust_remote_code)
-    record = heal_(model, teacher, plan, recipe.heal, tokenizer, work_dir=work, progress=progress)
-    del teacher
+    record = heal_(model, original.get(), plan, recipe.heal, tokenizer, work_dir=work, progress=progress)
     save_changed(model, record.changed, folder.root / WEIGHTS, record.unhealed_fingerprint)
     record.save(folder.root / "heal.json")
     folder.mark("heal", key, ["heal.json", WEIGHTS])

@@ -14,10 +14,10 @@ def tiny_folder(tmp_path_factory):
     return str(save_tiny(tmp_path_factory.mktemp("m") / "tiny"))
 
 
-def _recipe(folder, name="t", parts=("perplexity", "speed"), seed=0, planner=None):
+def _recipe(folder, name="t", parts=("perplexity", "speed"), seed=0, planner=None, heal=None):
     policy = planner or {"planner": "combined",
                          "options": {"layer_skip": {"n_drop": 1}, "head_prune": {"fraction": 0.5}}}
-    return recipe_from_dict({
+    return recipe_from_dict({**({"heal": heal} if heal else {}),
         "name": name, "model": {"name": folder},
         "data": {"calibration": "kjv", "n_samples": 4, "seq_len": 16, "seed": seed},
         "profile": {"scorer": "ablation", "options": {"unit_kinds": ["layer", "head"], "batch_size": 2}},
@@ -183,3 +183,83 @@ def test_weights_changed_past_the_first_values_recompute_every_stage(tmp_path):
     model.save_pretrained(model_dir)
     again = run(_recipe(str(model_dir)), tmp_path / "t", progress=False)
     assert again.stages_reused == [] and "export" in again.stages_run
+
+
+HEAL = {"method": "distill", "train": "lora", "source": "kjv", "steps": 2, "batch_size": 2, "seq_len": 16,
+        "eval_seq_len": 16, "save_steps": 2, "lr": 1e-3}
+
+
+def _counting_loads(monkeypatch):
+    """Every model mi_opt.models.load_model returns, in order: the run's own, then the original's copies."""
+    import mi_opt.models
+
+    loads, real = [], mi_opt.models.load_model
+
+    def counted(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        loads.append(model)
+        return model, tokenizer
+    monkeypatch.setattr(mi_opt.models, "load_model", counted)
+    return loads
+
+
+def _same_weights(a, b) -> bool:
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_one_copy_of_the_original_serves_the_speed_ab_and_the_heal_and_stays_unchanged(tiny_folder, tmp_path,
+                                                                                          monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    loads = _counting_loads(monkeypatch)
+    result = run(_recipe(tiny_folder, heal=HEAL), tmp_path / "t", progress=False)
+    assert result.stages_run[4:] == ["speed_ab", "heal", "eval_healed", "export"]
+    assert len(loads) == 2  # the model compressed, and one copy of the original for both stages
+    assert _same_weights(loads[1], AutoModelForCausalLM.from_pretrained(tiny_folder))  # the teacher is untouched
+    # merged adapters: the healed model computes with the compressed model's modules; the report says so
+    assert json.loads((result.folder / "speed_ab.json").read_text())["labels"] == ["original", "t"]
+    report = result.report.read_text()
+    assert "t healed has the compressed model's shapes (its LoRA adapters merged into the weights): it shares " \
+           "t's shapes and speed" in report
+    table = json.loads((result.folder / "compare.json").read_text())
+    prefill = next(r for r in table["rows"] if r["metric"] == "prefill ms")
+    assert prefill["paired"]["t healed"] == prefill["paired"]["t"]
+    assert "timed on its own" not in report
+    # sizes: in memory as evaluated, and on disk where files exist (the original's folder, the checkpoint)
+    from mi_opt.evaluate.speed import disk_bytes
+
+    size = next(r for r in table["rows"] if r["metric"] == "size on disk MB")["values"]
+    assert size["original"] * 1e6 == pytest.approx(disk_bytes(tiny_folder))
+    assert size["t healed"] * 1e6 == pytest.approx(disk_bytes(result.folder / "checkpoint")) and size["t"] is None
+    assert "| size MB |" in report and "| size on disk MB |" in report
+
+
+def test_kept_adapters_put_the_healed_model_in_the_same_ab_rounds(tiny_folder, tmp_path, monkeypatch):
+    import mi_opt.evaluate.ab_speed
+    from mi_opt.adapters import lora_layers
+
+    loads = _counting_loads(monkeypatch)
+    with_adapters, real = [], mi_opt.evaluate.ab_speed.timed_generation
+
+    def timed(model, *args):
+        with_adapters.append(bool(lora_layers(model)))
+        return real(model, *args)
+    monkeypatch.setattr(mi_opt.evaluate.ab_speed, "timed_generation", timed)
+    result = run(_recipe(tiny_folder, heal={**HEAL, "adapters": "keep"}), tmp_path / "k", progress=False)
+    assert result.stages_run[4:] == ["heal", "speed_ab", "eval_healed", "export"]
+    assert len(loads) == 2
+    ab = json.loads((result.folder / "speed_ab.json").read_text())
+    assert ab["labels"] == ["original", "t", "t healed"] and "set aside" in ab["views"]["t"]
+    assert set(ab["vs_baseline"]) == {"t", "t healed"}
+    # warm-up and one round each: only the healed model's runs compute with the adapters
+    assert sorted(with_adapters) == [False] * 4 + [True] * 2
+    report = result.report.read_text()
+    assert "t was timed as t healed with its LoRA adapters set aside" in report and "shares" not in report
+    # a rerun with every stage done reuses the A/B; a lost A/B file puts the healed weights back first
+    (result.folder / "speed_ab.json").unlink()
+    again = run(_recipe(tiny_folder, heal={**HEAL, "adapters": "keep"}), tmp_path / "k", progress=False)
+    assert again.stages_run == ["speed_ab"] and "heal" in again.stages_reused
+    assert sorted(with_adapters[6:]) == [False] * 4 + [True] * 2

@@ -138,7 +138,9 @@ def summary(result) -> str:
     if result.perplexity:
         p = result.perplexity
         spread = f" [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}]" if p.get("interval") else ""
-        lines.append(f"perplexity {p['perplexity']:.3f}{spread}  bits/byte {p['bits_per_byte']:.4f}  "
+        bpb = p.get("bits_per_byte_interval")
+        bpb_spread = f" [{bpb[0]:.4f}, {bpb[1]:.4f}]" if bpb else ""
+        lines.append(f"perplexity {p['perplexity']:.3f}{spread}  bits/byte {p['bits_per_byte']:.4f}{bpb_spread}  "
                      f"({p['n_tokens']} tokens of {p['source']!r}, evaluation split)")
     for name, t in result.tasks.items():
         score = t.get("score")

@@ -4,15 +4,16 @@ interleaved rounds, so a speedup is never a comparison with numbers taken at ano
 Each round times every model once, the order rotated from round to round (no model is always
 first, or always right after another's caches); after untimed warm-up runs of each. A speedup is
 the median of per-round ratios (base / model in the same round), with its interquartile range.
-A short fixed calibration kernel runs before and after the rounds: if it slows down, varies, or
-the load average says other work competes for the CPUs, the result says so in words.
+A fixed calibration kernel (reps of a few tens of ms, sized once for this machine) runs before
+and after the rounds: if its median slows down beyond its own noise, it varies, or the load
+average says other work competes for the CPUs, the result says so in words.
 """
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -62,27 +63,81 @@ def interleaved(runners: dict[str, Callable[[], object]], rounds: int, warmup: i
     return out, order
 
 
-def calibration_kernel(reps: int = 7, size: int = 256, device: torch.device | str = "cpu") -> list[float]:
-    """Seconds per rep of a fixed matrix-multiply loop: the same work every time, so a change in
-    its time is a change in the machine, not in a model."""
-    device = torch.device(device)
-    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    times = []
-    with torch.inference_mode():
-        for _ in range(reps + 1):  # the first rep warms up and is dropped
-            sync_device(device)
-            t0 = time.perf_counter()
-            b = a
-            for _ in range(20):
-                b = torch.tanh(b @ a * (1.0 / size))
-            sync_device(device)
-            times.append(time.perf_counter() - t0)
-    return times[1:]
+# The kernel's size: each rep must last a few tens of milliseconds, or timer resolution, scheduler
+# ticks and CPU frequency steps (each a millisecond or more) are a large share of it and an idle
+# machine reads as a busy one. Steps are chosen once, before the rounds, and reused after them,
+# so before and after time exactly the same work.
+KERNEL_SIZE = 256
+KERNEL_TARGET_S = 0.03
+KERNEL_REPS = 15
+KERNEL_MAX_STEPS = 2000
+
+
+@dataclass(frozen=True)
+class CalibrationKernel:
+    """A fixed matrix-multiply loop: the same work every time, so a change in its time is a
+    change in the machine, not in a model."""
+
+    steps: int = 20
+    size: int = KERNEL_SIZE
+    device: str = "cpu"
+
+    def rep(self, a: torch.Tensor) -> float:
+        """Seconds of one rep."""
+        device = a.device
+        sync_device(device)
+        t0 = time.perf_counter()
+        b = a
+        for _ in range(self.steps):
+            b = torch.tanh(b @ a * (1.0 / self.size))
+        sync_device(device)
+        return time.perf_counter() - t0
+
+    def matrix(self) -> torch.Tensor:
+        return torch.randn(self.size, self.size, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+    def times(self, reps: int = KERNEL_REPS, warmup: int = 2) -> list[float]:
+        """Seconds per rep; the first `warmup` reps (caches, CPU frequency ramping up) are dropped."""
+        a = self.matrix()
+        with torch.inference_mode():
+            times = [self.rep(a) for _ in range(warmup + reps)]
+        return times[warmup:]
+
+    @classmethod
+    def sized(cls, target_s: float = KERNEL_TARGET_S, device: torch.device | str = "cpu") -> "CalibrationKernel":
+        """A kernel whose reps last about target_s on this machine, at the current thread count."""
+        probe = cls(steps=20, device=str(device))
+        # The fastest probe rep: a rep slowed by another process would size the kernel too short.
+        per_step = min(probe.times(reps=3, warmup=1)) / probe.steps
+        return cls(steps=steps_for(target_s, per_step), device=str(device))
+
+
+def steps_for(target_s: float, per_step_s: float, max_steps: int = KERNEL_MAX_STEPS) -> int:
+    """Inner steps so that a rep lasts about target_s, given one step's measured seconds."""
+    if per_step_s <= 0:
+        return max_steps
+    return max(1, min(max_steps, round(target_s / per_step_s)))
+
+
+def calibration_kernel(reps: int = KERNEL_REPS, size: int = KERNEL_SIZE, device: torch.device | str = "cpu",
+                       steps: int = 20) -> list[float]:
+    """Seconds per rep of a fixed calibration kernel (CalibrationKernel)."""
+    return CalibrationKernel(steps=steps, size=size, device=str(torch.device(device))).times(reps)
 
 
 def _spread(values: list[float]) -> float:
     s = median_spread(values)
     return (s["q3"] - s["q1"]) / s["median"] if s["median"] else 0.0
+
+
+def kernel_drift(before: list[float], after: list[float]) -> float:
+    """After vs before: the ratio of the medians minus 1 (> 0: slower after), or 0.0 when the two
+    phases' interquartile ranges overlap, since a shift inside either phase's own noise is no
+    evidence that the machine changed."""
+    b, a = median_spread(before), median_spread(after)
+    if a["q1"] <= b["q3"] and b["q1"] <= a["q3"]:
+        return 0.0
+    return a["median"] / b["median"] - 1
 
 
 def reliability_warnings(kernel_before: list[float], kernel_after: list[float], model_times: dict[str, list[float]],
@@ -94,12 +149,12 @@ def reliability_warnings(kernel_before: list[float], kernel_after: list[float], 
     """
     limits = limits or Reliability()
     out = []
-    before, after = statistics.median(kernel_before), statistics.median(kernel_after)
-    drift = after / before - 1
+    drift = kernel_drift(kernel_before, kernel_after)
     if abs(drift) > limits.drift_limit:
         out.append(f"the calibration kernel ran {abs(drift):.0%} {'slower' if drift > 0 else 'faster'} after "
                    "the timing rounds than before: the machine's load changed while models were timed")
-    spread = _spread(kernel_before + kernel_after)
+    # Each phase's own spread: a clean step between before and after is the drift above, not noise.
+    spread = max(_spread(kernel_before), _spread(kernel_after))
     if spread > limits.spread_limit:
         out.append(f"the calibration kernel's own times vary by {spread:.0%} (interquartile range / median): "
                    "other work is competing for this machine")
@@ -119,31 +174,47 @@ def _ratio(base: list[float], other: list[float], higher_is_faster: bool) -> dic
 
 def measure_ab(models: dict[str, nn.Module], config: SpeedConfig | None = None,
                device: str | torch.device | None = None, progress: bool = True,
-               limits: Reliability | None = None, threads: int | None = None) -> dict:
+               limits: Reliability | None = None, threads: int | None = None,
+               states: dict[str, Callable[[], AbstractContextManager]] | None = None) -> dict:
     """Time every model (the first is the baseline) in interleaved rounds; see the module doc.
 
     config.repetitions is the number of rounds and config.warmup the untimed runs per model.
+    states: label -> a context entered around each of that label's runs (never inside the timed
+    region), for a label that is another label's model in another state: the healed model with
+    its LoRA adapters set aside is the compressed model, and one copy in memory serves both.
     Returns the speed-ab artifact: per-model timing summaries, per-round ratios vs the baseline,
     the calibration kernel's times, and `warnings` in words (empty when the timings look sound).
     """
     config = config or SpeedConfig()
     labels = list(models)
+    states = states or {}
+    unknown = sorted(set(states) - set(labels))
+    if unknown:
+        raise MiOptError(f"an A/B timing got states for {', '.join(unknown)}, which it does not time")
     prompts = {label: speed_prompt(m, config, device) for label, m in models.items()}
     extras = {label: forward_kwargs(m) for label, m in models.items()}
     kernel_device = prompts[labels[0]][0]
 
     def runner(label: str) -> Callable[[], tuple[float, float, float]]:
-        return lambda: timed_generation(models[label], prompts[label][1], config.new_tokens, extras[label])
+        state = states.get(label, nullcontext)
+
+        def run() -> tuple[float, float, float]:
+            with state():
+                return timed_generation(models[label], prompts[label][1], config.new_tokens, extras[label])
+        return run
 
     from mi_opt.evaluate import torch_threads  # the same thread setting as evaluate(), restored after
 
     with torch.inference_mode(), torch_threads(threads):
-        before = calibration_kernel(device=kernel_device)
+        kernel = CalibrationKernel.sized(device=kernel_device)  # sized at the thread count the models run with
+        before = kernel.times()
         runs, order = interleaved({label: runner(label) for label in labels}, config.repetitions, config.warmup,
                                   progress)
-        after = calibration_kernel(device=kernel_device)
+        after = kernel.times()
         load = (os.getloadavg()[0], os.cpu_count() or 1) if hasattr(os, "getloadavg") else None
-        return ab_result(labels, runs, order, config, before, after, load, limits, str(kernel_device))
+        ab = ab_result(labels, runs, order, config, before, after, load, limits, str(kernel_device))
+        ab["calibration_kernel"] = {"size": kernel.size, "steps": kernel.steps, "reps": len(before)}
+        return ab
 
 
 def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]]], order: list[list[str]],
@@ -187,15 +258,38 @@ def apply_ab(results: list, labels: list[str], ab: dict) -> None:
             result.speed["timing"] = "interleaved A/B"
 
 
+def shared_timing(ab: dict, label: str, like: str, why: str) -> dict:
+    """A copy of `ab` in which `label` shows `like`'s figures: a model with exactly `like`'s
+    modules and shapes does the same work, so timing it again would measure only the machine.
+    why: what makes them alike, in words (the report says it)."""
+    if like not in ab["per_model"] or like == ab["baseline"]:
+        raise MiOptError(f"{label} can share the timing of a timed model other than the baseline, not {like!r}")
+    return {**ab, "per_model": {**ab["per_model"], label: ab["per_model"][like]},
+            "vs_baseline": {**ab["vs_baseline"], label: ab["vs_baseline"][like]},
+            "shared": {**ab.get("shared", {}), label: {"like": like, "why": why}}}
+
+
 def summary_lines(ab: dict) -> list[str]:
-    """Report sentences: how the timing was done, and any reliability warning."""
+    """Report sentences: how the timing was done, which model shares another's figures, and any
+    reliability warning."""
     lines = [f"Speed: {', '.join(ab['labels'])} timed in the same process, {ab['rounds']} interleaved rounds "
              f"after {ab['warmup']} warm-up run(s) each, {ab['threads']} thread(s) on {ab['device']}; "
              "speedups are medians of per-round ratios, [low, high] their interquartile range."]
-    if ab["warnings"]:
-        lines.append("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
-                     "before trusting the speed rows.")
-    return lines
+    for label, view in ab.get("views", {}).items():
+        lines.append(f"{label} was timed as {view}.")
+    for label, shared in ab.get("shared", {}).items():
+        lines.append(f"{label} has {shared['why']}: it shares {shared['like']}'s shapes and speed, and shows "
+                     f"{shared['like']}'s timing from these rounds.")
+    warning = warning_line(ab)
+    return lines + ([warning] if warning else [])
+
+
+def warning_line(ab: dict) -> str | None:
+    """The reliability warning as one sentence, or None when the timing looks sound."""
+    if not ab["warnings"]:
+        return None
+    return ("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
+            "before trusting the speed rows.")
 
 
 def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:

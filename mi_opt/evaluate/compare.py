@@ -110,7 +110,8 @@ def metrics_table(results: list[EvalResult], labels: list[str] | None = None, sp
     rows = [Metric("perplexity", [(r.perplexity or {}).get("perplexity") for r in results], False,
                    intervals=[(r.perplexity or {}).get("interval") for r in results],
                    changes=[None] + [perplexity_change(results[0].perplexity, r.perplexity) for r in results[1:]]),
-            Metric("bits per byte", [(r.perplexity or {}).get("bits_per_byte") for r in results], False)]
+            Metric("bits per byte", [(r.perplexity or {}).get("bits_per_byte") for r in results], False,
+                   intervals=[(r.perplexity or {}).get("bits_per_byte_interval") for r in results])]
     rows += _task_rows(results)
     rows += [_timing_row("prefill ms", "prefill_ms", results, labels, speed_ab, False, "speedup"),
              _timing_row("time to first token ms", "ttft_ms", results, labels, speed_ab, False, "speedup"),
@@ -118,7 +119,24 @@ def metrics_table(results: list[EvalResult], labels: list[str] | None = None, sp
              Metric("peak memory MB", [_mb(_speed(r, "peak_memory_bytes")) for r in results], False, "ratio", "{:.1f}"),
              Metric("parameters M", [_mb(_speed(r, "parameters")) for r in results], None, "ratio", "{:.2f}"),
              Metric("size MB", [_mb(_speed(r, "size_bytes")) for r in results], None, "ratio", "{:.1f}")]
+    on_disk = Metric("size on disk MB", [_mb(_disk_bytes(r)) for r in results], None, "ratio", "{:.1f}")
+    if on_disk.values != rows[-1].values:  # a second row only where it says something the first does not
+        rows.append(on_disk)
     return [m for m in rows if any(v is not None for v in m.values)]
+
+
+def _disk_bytes(r: EvalResult) -> float | None:
+    """Bytes of the model's weight files, where known: measured from its folder, or recorded
+    later (a run's exported checkpoint)."""
+    speed = r.speed or {}
+    if speed.get("disk_bytes") is not None:
+        return speed["disk_bytes"]
+    return speed.get("size_bytes") if str(speed.get("size_kind", "")).startswith("disk") else None
+
+
+def size_in_memory(results: list[EvalResult]) -> bool:
+    """Whether any "size MB" figure is bytes in memory (the dtype loaded, not the files' dtype)."""
+    return any((r.speed or {}).get("size_kind") == "memory" for r in results)
 
 
 def _mb(value: float | None) -> float | None:
@@ -203,6 +221,10 @@ class Comparison:
         kinds = {(r.speed or {}).get("size_kind") for r in self.results} - {None}
         if len(kinds) > 1:
             notes.append("size mixes bytes on disk and bytes in memory")
+        if size_in_memory(self.results):
+            notes.append("size MB: the weights' bytes in memory, in the dtype they were loaded in"
+                         + ("; size on disk MB: the weight files (a checkpoint may store another dtype)"
+                            if any(m.name == "size on disk MB" for m in self.rows) else ""))
         return notes
 
     def to_text(self) -> str:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from mi_opt.arch import get_adapter
 from mi_opt.data import token_windows
-from mi_opt.evaluate.stats import perplexity_summary
+from mi_opt.evaluate.stats import bits_per_byte_interval, perplexity_summary
 
 # Positions whose logits exist at once: the full (batch, seq, vocab) tensor of a 49k-vocabulary
 # model is hundreds of MB in fp32, while its final hidden states are a few MB.
@@ -74,7 +74,8 @@ def perplexity(model, tokenizer, source: str = "handbook", n_samples: int = 16, 
     window_tokens = [nll.shape[1]] * nll.shape[0]
     return {"perplexity": math.exp(total / nll.numel()), "nll_mean": total / nll.numel(),
             **perplexity_summary(window_sums, window_tokens),
-            "bits_per_byte": total / math.log(2) / n_bytes, "n_tokens": nll.numel(), "n_bytes": n_bytes,
+            "bits_per_byte": total / math.log(2) / n_bytes,
+            "bits_per_byte_interval": bits_per_byte_interval(window_sums, window_tokens, n_bytes), "n_tokens": nll.numel(), "n_bytes": n_bytes,
             "source": source, "split": "evaluation", "n_samples": n_samples, "seq_len": seq_len,
             "seed": seed, "windows_hash": windows_hash(windows), "window_nll_sum": window_sums,
             "window_tokens": window_tokens}

@@ -62,8 +62,17 @@ def memory_bytes(model: nn.Module) -> int:
 
 
 def disk_bytes(folder: str | Path) -> int:
-    """Bytes of the weight files in a model folder (config and tokenizer files excluded)."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    """Bytes of the weight files in a model folder (config and tokenizer files excluded), with
+    those of kept LoRA adapters (its adapter/ folder): the model loads with them."""
+    from mi_opt.adapters import ADAPTER_DIR
+
+    folder = Path(folder)
+    adapter = folder / ADAPTER_DIR
+    return _weight_bytes(folder) + (_weight_bytes(adapter) if adapter.is_dir() else 0)
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 class _PeakMemory:
@@ -181,7 +190,7 @@ def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: s
         "device": str(device), "threads": torch.get_num_threads(),
     }
     if folder is not None and Path(folder).is_dir():
-        result.update(size_bytes=disk_bytes(folder), size_kind="disk")
+        result.update(size_bytes=disk_bytes(folder), size_kind="disk", disk_bytes=disk_bytes(folder))
     else:
         result.update(size_bytes=result["memory_bytes"], size_kind="memory")
     return result

@@ -143,6 +143,20 @@ def perplexity_summary(window_nll: Sequence[float], window_tokens: Sequence[int]
             "n_windows": len(nll), "interval_method": "normal on mean nll over windows", "level": level}
 
 
+def bits_per_byte_interval(window_nll: Sequence[float], window_tokens: Sequence[int], n_bytes: int,
+                           level: float = LEVEL) -> list[float]:
+    """Bits per byte's interval, by perplexity's method: the normal interval of the mean NLL per
+    token over windows, converted. Bits per byte = mean NLL x tokens / (bytes x ln 2), and the
+    tokens and bytes are those of the same fixed windows, so the conversion is a constant factor."""
+    if n_bytes < 1:
+        raise MiOptError(f"bits per byte needs at least one predicted byte (got {n_bytes})")
+    summary = perplexity_summary(window_nll, window_tokens, level)
+    mean = float(np.sum(window_nll) / np.sum(window_tokens))
+    factor = float(np.sum(window_tokens)) / (n_bytes * math.log(2))
+    half = _z(level) * summary["nll_stderr"]
+    return [(mean - half) * factor, (mean + half) * factor]
+
+
 def paired_perplexity_change(base_nll: Sequence[float], other_nll: Sequence[float], tokens: Sequence[int],
                              level: float = LEVEL) -> dict:
     """Change of perplexity (other - base) on the same windows, by a paired bootstrap over windows."""

@@ -93,3 +93,52 @@ def test_measure_ab_on_tiny_models():
     assert set(ab["per_model"]["b"]) >= {"prefill_ms", "decode_tokens_per_s"}
     assert ab["vs_baseline"]["b"]["prefill_ms"]["n"] == 3
     assert isinstance(ab["warnings"], list) and ab["reliable"] == (not ab["warnings"])
+
+
+# Calibration-kernel seconds per rep as recorded (15 reps of about 30 ms each), in order.
+LOW = [0.0301, 0.0302, 0.0300, 0.0303, 0.0301, 0.0302, 0.0300, 0.0301, 0.0303, 0.0302, 0.0301]
+HIGH = [0.0350, 0.0351, 0.0349, 0.0350, 0.0352, 0.0350, 0.0349, 0.0351]
+# Idle: CPU frequency steps put some reps on a slower level, 4 of 15 before and 8 of 15 after.
+# The medians differ by 16%, over the drift limit (the old test compared medians alone), but
+# the after phase's own quartiles reach below the before phase's upper one: no change of machine.
+IDLE_BEFORE = LOW[:6] + HIGH[:2] + LOW[6:] + HIGH[2:4]
+IDLE_AFTER = HIGH[:4] + LOW[:7] + HIGH[4:]
+# A competing busy loop started between the phases, on a 2-core machine: every rep after is slower.
+BUSY_AFTER = [0.0571, 0.0603, 0.0588, 0.0562, 0.0597, 0.0580, 0.0611, 0.0575, 0.0590, 0.0569, 0.0602,
+              0.0584, 0.0593, 0.0578, 0.0586]
+# A competitor that holds a core part of the time: half the reps after are slowed, half are not.
+SHARED_AFTER = [t * (1.9 if i % 2 else 1.0) for i, t in enumerate(LOW + LOW[:4])]
+
+
+def test_frequency_steps_on_an_idle_machine_give_no_warning():
+    import statistics
+
+    from mi_opt.evaluate.ab_speed import kernel_drift
+
+    assert statistics.median(IDLE_AFTER) / statistics.median(IDLE_BEFORE) - 1 > 0.15  # the old test fired
+    assert kernel_drift(IDLE_BEFORE, IDLE_AFTER) == 0.0
+    assert reliability_warnings(IDLE_BEFORE, IDLE_AFTER, {"orig": [1.0, 1.01, 0.99, 1.0]}, load=(1.2, 2)) == []
+
+
+def test_a_competing_process_is_still_reported():
+    from mi_opt.evaluate.ab_speed import kernel_drift
+
+    assert kernel_drift(IDLE_BEFORE, BUSY_AFTER) > 0.6
+    warnings = reliability_warnings(IDLE_BEFORE, BUSY_AFTER, {"orig": [1.0, 1.01, 0.99, 1.0]}, load=(1.2, 2))
+    assert len(warnings) == 1 and "slower after the timing rounds" in warnings[0]
+    # the other way round (the competitor stopped during the rounds) is a change of machine too
+    assert "faster after" in reliability_warnings(BUSY_AFTER, IDLE_BEFORE, {})[0]
+    # a competitor that slows every other rep leaves the medians' quartiles overlapping, but not its noise
+    shared = reliability_warnings(IDLE_BEFORE, SHARED_AFTER, {})
+    assert shared and "kernel's own times vary" in " ".join(shared)
+
+
+def test_the_kernel_is_sized_to_tens_of_milliseconds_and_times_the_same_work_twice():
+    from mi_opt.evaluate.ab_speed import CalibrationKernel, steps_for
+
+    assert steps_for(0.03, 0.001) == 30 and steps_for(0.03, 1.0) == 1       # at least one step
+    assert steps_for(0.03, 0.0) == steps_for(0.03, 1e-9) == 2000             # capped on a very fast device
+    kernel = CalibrationKernel(steps=2, size=16)
+    times = kernel.times(reps=5, warmup=1)
+    assert len(times) == 5 and all(t > 0 for t in times)
+    assert CalibrationKernel.sized(target_s=0.001).steps >= 1

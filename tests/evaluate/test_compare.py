@@ -74,7 +74,8 @@ def _itemized(scores, nll):
             "higher_is_better": {"exact_match": True}, "n": n, "score": score_summary(scores),
             "items": {"doc_id": list(range(n)), "score": list(scores), "prompt_hash": [f"h{i}" for i in range(n)]}}
     tokens = [31] * len(nll)
-    ppl = {"perplexity": 2.718 ** (sum(nll) / sum(tokens)), "bits_per_byte": 1.0, "windows_hash": "w",
+    ppl = {"perplexity": 2.718 ** (sum(nll) / sum(tokens)), "bits_per_byte": 1.0,
+           "bits_per_byte_interval": [0.9, 1.1], "windows_hash": "w",
            "window_nll_sum": list(nll), "window_tokens": tokens, **perplexity_summary(nll, tokens)}
     return EvalResult(model={"spec": "m"}, settings={}, perplexity=ppl, tasks={"t": task})
 
@@ -87,6 +88,8 @@ def test_identical_itemized_results_show_intervals_and_no_significance():
     assert not rows["perplexity"].change(1)["significant"] and not rows["task mean"].change(1)["significant"]
     table = comp.to_text().split("\n\n")[0]
     assert " *" not in table and "[" in table
+    assert rows["bits per byte"].interval(0) == [0.9, 1.1]  # shown beside bits per byte, as perplexity's
+    assert "| bits per byte | 1 [0.9, 1.1] |" in comp.to_markdown()
 
 
 def test_a_real_loss_is_marked_significant(tmp_path):
@@ -105,3 +108,20 @@ def test_a_real_loss_is_marked_significant(tmp_path):
 def test_version_1_results_compare_without_a_verdict():
     comp = Comparison(["a", "b"], [_result(), _result(acc=0.3)])
     assert any("no per-item results" in n for n in comp.notes())
+
+
+def test_sizes_in_memory_and_on_disk_are_two_labelled_rows():
+    base, small = _result(size=480e6), _result(size=480e6)
+    small.speed["disk_bytes"] = 234e6  # its bf16 checkpoint, recorded after export
+    comp = Comparison(["a", "b"], [base, small])
+    rows = {m.name: m for m in comp.rows}
+    assert rows["size MB"].values == [pytest.approx(480), pytest.approx(480)]
+    assert rows["size on disk MB"].values == [None, pytest.approx(234)]
+    notes = " ".join(comp.notes())
+    assert "size MB: the weights' bytes in memory" in notes and "size on disk MB: the weight files" in notes
+    # measured from folders, the size row already is the size on disk: no second row, no memory note
+    on_disk = [_result(), _result()]
+    for r in on_disk:
+        r.speed.update(size_kind="disk", disk_bytes=r.speed["size_bytes"])
+    comp = Comparison(["a", "b"], on_disk)
+    assert "size on disk MB" not in {m.name for m in comp.rows} and "bytes in memory" not in " ".join(comp.notes())

@@ -42,6 +42,8 @@ def test_perplexity_is_exp_mean_nll_and_bits_per_byte(smol_tiny):
     assert result["n_bytes"] == n_bytes == predicted_bytes(tok, windows)
     assert result["bits_per_byte"] == pytest.approx(nll.sum().item() / math.log(2) / n_bytes, rel=1e-4)
     assert result["n_tokens"] == 3 * 31 and result["split"] == "evaluation"
+    low, high = result["bits_per_byte_interval"]
+    assert low < result["bits_per_byte"] < high
 
 
 def test_damaged_model_has_higher_perplexity(smol_tiny):

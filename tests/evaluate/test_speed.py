@@ -63,7 +63,12 @@ def test_disk_bytes_counts_weight_files_only(tmp_path):
     weights = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
     assert disk_bytes(tmp_path) == weights > memory_bytes(model) * 0.9
     s = measure_speed(model, SpeedConfig(prompt_len=8, new_tokens=2, repetitions=1), folder=tmp_path, progress=False)
-    assert s["size_kind"] == "disk" and s["size_bytes"] == weights
+    assert s["size_kind"] == "disk" and s["size_bytes"] == weights == s["disk_bytes"]
+    # kept LoRA adapters load with the checkpoint: their weights count, nothing else in the folder does
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert disk_bytes(tmp_path) == weights + 100
 
 
 def test_bad_speed_settings():

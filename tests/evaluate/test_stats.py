@@ -82,3 +82,18 @@ def test_task_mean_change_combines_task_changes():
     out = mean_of_changes([a, b])
     assert out["change"] == pytest.approx(0.0) and not out["significant"]
     assert mean_of_changes([a, {"reason": "no items"}]) is None
+
+
+def test_bits_per_byte_interval_is_perplexitys_nll_interval_converted():
+    from mi_opt.evaluate.stats import bits_per_byte_interval
+
+    nll, tokens, n_bytes = [300.0, 320.0, 290.0, 310.0], [100] * 4, 1500
+    bpb = sum(nll) / math.log(2) / n_bytes
+    low, high = bits_per_byte_interval(nll, tokens, n_bytes)
+    assert low < bpb < high and (low + high) / 2 == pytest.approx(bpb)
+    # the same interval as perplexity's, on the log scale: log(ppl bounds) x tokens / (bytes x ln 2)
+    p_low, p_high = perplexity_summary(nll, tokens)["interval"]
+    factor = sum(tokens) / (n_bytes * math.log(2))
+    assert (low, high) == pytest.approx((math.log(p_low) * factor, math.log(p_high) * factor))
+    with pytest.raises(MiOptError, match="at least one predicted byte"):
+        bits_per_byte_interval(nll, tokens, 0)
