@@ -5,37 +5,17 @@ Profiles are built by hand: the planner only reads scores, so seeded numbers tes
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
+from hand_profiles import hand_profile
 from tiny import tiny_model
 
 from mi_opt.errors import MiOptError
 from mi_opt.policy import make_plan
 from mi_opt.policy.cost import ModelCost
-from mi_opt.profile.importance import ImportanceProfile, UnitScore
+from mi_opt.profile.importance import UnitScore
 from mi_opt.surgery import apply_
-from mi_opt.units import neuron_groups, parse_unit
-
-GROUP = 24
-
-
-def hand_profile(seed: int = 0, heads: float | None = None, neurons: bool = True, kl: bool = True,
-                 layers: bool = False) -> ImportanceProfile:
-    """Seeded scores for every neuron group (and head, and layer); `heads` fixes every head's score."""
-    rng = random.Random(seed)
-    scores = {}
-    for i in range(4):
-        if neurons:
-            for u in neuron_groups(i, 64, GROUP):
-                scores[u.key] = UnitScore(rng.uniform(0.1, 1), 0, rng.uniform(0.1, 1) if kl else None, 0)
-        for h in range(4):
-            s = heads if heads is not None else rng.uniform(0.1, 1)
-            scores[f"L{i}.H{h}"] = UnitScore(s, 0, s, 0)
-        if layers:
-            scores[f"L{i}"] = UnitScore(rng.uniform(1, 2), 0, rng.uniform(1, 2), 0)
-    return ImportanceProfile(model={}, method={"scorer": "activation"}, calibration={}, base_loss=None,
-                             scores=scores)
+from mi_opt.units import parse_unit
 
 
 @pytest.fixture(scope="module")
