@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
-from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric
+from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, unit_scores
 from mi_opt.policy.head_prune import head_menu
 from mi_opt.policy.layer_skip import LayerSkipConfig, choose_layers
 from mi_opt.policy.width_prune import (budget_record, check_budget, choose_neurons, neuron_groups,
@@ -126,7 +126,7 @@ def _build(profile: ImportanceProfile, config: JointPruneConfig, ctx: PlanContex
         want = math.ceil(share * target)
         skip = LayerSkipConfig(target_params=max(1, cost.parameters - want), metric=config.metric,
                                protect_first=config.protect_first, protect_last=config.protect_last)
-        scores = {parse_unit(k).layer: profile.score(k, config.metric) for k in profile.units("layer")}
+        scores = {parse_unit(k).layer: s for k, s in unit_scores(profile, "layer", config.metric).items()}
         drop = sorted(choose_layers(scores, skip, ctx))
         if saved() < want:
             cand.why_not = f"dropping every unprotected layer saves {saved():,} of the {want:,} parameters asked"

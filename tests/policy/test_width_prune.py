@@ -163,3 +163,17 @@ def test_bytes_budget_counts_at_the_models_dtype(model):
     plan = make_plan(hand_profile(), "width-prune", {"bytes": 40_000, "mode": "free"}, model)
     assert plan.budget["remove_params"] == math.ceil(40_000 / cost.bytes_per_param)
     assert plan.predicted["bytes_before"] - plan.predicted["bytes"] >= 40_000
+
+
+def test_recipes_accept_the_width_planners_and_name_bad_options():
+    from mi_opt.recipe import recipe_from_dict
+
+    for planner, options in [("width-prune", {"fraction": 0.2, "mode": "uniform"}),
+                             ("joint-prune", {"fraction": 0.2, "step": 0.5, "select": "loss"})]:
+        recipe = recipe_from_dict({"name": "w", "policy": {"planner": planner, "options": options}})
+        assert recipe.policy.planner == planner
+    with pytest.raises(MiOptError, match="policy.options: .*exactly one budget"):
+        recipe_from_dict({"name": "w", "policy": {"planner": "width-prune", "options": {"fraction": 0.2, "bytes": 9}}})
+    with pytest.raises(MiOptError, match="policy.options: .*'heads' must be true or false or a number"):
+        recipe_from_dict({"name": "w", "policy": {"planner": "width-prune", "options": {"fraction": 0.2,
+                                                                                         "heads": "yes"}}})
