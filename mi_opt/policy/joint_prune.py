@@ -144,7 +144,7 @@ def _build(profile: ImportanceProfile, config: JointPruneConfig, ctx: PlanContex
     if mix.get("neurons"):
         want = target - saved()
         kept = [i for i in range(cost.n_layers) if i not in drop]
-        choice = choose_neurons(neuron_groups(profile, config.metric, cost, kept), cost, want, config.mode,
+        choice = choose_neurons(neuron_groups(profile, config.metric, cost, kept, "auto"), cost, want, config.mode,
                                 config.min_keep)
         if choice is None:
             cand.why_not = f"no {config.mode} neuron pruning of the kept layers saves the remaining {want:,} parameters"

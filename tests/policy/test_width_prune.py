@@ -177,3 +177,18 @@ def test_recipes_accept_the_width_planners_and_name_bad_options():
     with pytest.raises(MiOptError, match="policy.options: .*'heads' must be true or false or a number"):
         recipe_from_dict({"name": "w", "policy": {"planner": "width-prune", "options": {"fraction": 0.2,
                                                                                          "heads": "yes"}}})
+
+
+def test_free_mode_puts_non_causal_scores_of_each_layer_on_one_scale(model):
+    profile = hand_profile(kl=False)  # a statistic, not measured damage: no kl
+    for key in profile.units("neurons"):
+        if parse_unit(key).layer == 0:  # layer 0's statistic runs 1000x larger, its ranking is the same
+            profile.scores[key] = UnitScore(profile.score(key) * 1000, 0, None, 0)
+    raw = make_plan(profile, "width-prune", {"fraction": 0.2, "mode": "free", "normalize": "none"}, model)
+    assert 0 not in raw.prune_neurons and not raw.planner["normalized"]
+    auto = make_plan(profile, "width-prune", {"fraction": 0.2, "mode": "free"}, model)
+    assert auto.planner["normalized"] and not auto.planner["causal_scores"]
+    assert auto.prune_neurons == make_plan(hand_profile(kl=False), "width-prune",
+                                           {"fraction": 0.2, "mode": "free", "normalize": "layer"}, model).prune_neurons
+    # Causal scores are compared as they are.
+    assert not make_plan(hand_profile(), "width-prune", {"fraction": 0.2, "mode": "free"}, model).planner["normalized"]
