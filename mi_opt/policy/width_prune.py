@@ -9,14 +9,14 @@ the smallest such removal the mode allows:
   neuron counts finds each layer's cheapest set of groups of exactly that size.
 - free: groups are taken across all layers in order of score per parameter saved (least damage
   per parameter first) until the budget is met, never emptying an MLP, within `min_keep` and
-  outside `protect_layers`.
+  outside `protect_layers`. Non-causal scores are put on one scale per layer first (`normalize`).
 
 With `heads`, attention heads compete for the same budget: every head count head_prune.py can
 lay out (uniform layouts in uniform mode) is tried with neurons filling the rest, and the
 combination of least summed score wins. Summing scores across units assumes their effects add
-up, the first-order approximation every one-shot planner here makes. Non-causal neuron scores
-(activation, wanda) rank groups within their own scale; mixing them with causal head scores is
-only meaningful when both come from one scorer, which the plan records.
+up, the first-order approximation every one-shot planner here makes; it needs causal neuron
+scores (a statistic such as mean |activation| is on no loss scale), so `heads` refuses others.
+The plan records which scorer made the scores.
 """
 from __future__ import annotations
 
@@ -252,6 +252,10 @@ def plan_width_prune(profile: ImportanceProfile, config: WidthPruneConfig, ctx: 
     if not layers:
         raise MiOptError("every layer is protected: nothing is left to prune")
     groups = neuron_groups(profile, config.metric, cost, layers, config.normalize)
+    if config.heads and not causal(profile):
+        raise MiOptError(f"heads compete with neuron groups by summed damage, but scorer "
+                         f"{profile.method.get('scorer')!r} scored the groups by a statistic, not a loss change "
+                         "(no kl): plan heads separately (head-prune), or score the groups causally (ablation)")
     target = removal_target(config, cost)
     menu = {0: (0.0, {})}
     if config.heads:

@@ -190,5 +190,7 @@ def test_free_mode_puts_non_causal_scores_of_each_layer_on_one_scale(model):
     assert auto.planner["normalized"] and not auto.planner["causal_scores"]
     assert auto.prune_neurons == make_plan(hand_profile(kl=False), "width-prune",
                                            {"fraction": 0.2, "mode": "free", "normalize": "layer"}, model).prune_neurons
+    with pytest.raises(MiOptError, match="heads compete .* \\(no kl\\)"):
+        make_plan(profile, "width-prune", {"fraction": 0.2, "heads": True}, model)
     # Causal scores are compared as they are.
     assert not make_plan(hand_profile(), "width-prune", {"fraction": 0.2, "mode": "free"}, model).planner["normalized"]
