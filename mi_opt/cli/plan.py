@@ -11,9 +11,10 @@ from mi_opt.errors import MiOptError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile.json written by `mi-opt profile`")
-    p.add_argument("--planner", default="layer-skip", help="layer-skip, head-prune, combined, ... (see the registry)")
+    p.add_argument("--planner", default="layer-skip", help="layer-skip, head-prune, width-prune, joint-prune, combined, ... (see the registry)")
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="budget option, repeatable: n_drop=6, target_fraction=0.8, fraction=0.33, n_heads=40; "
+                        "width-prune / joint-prune: fraction=0.2 (of the decoder parameters), n_params=, bytes=; "
                         "combined: layer_skip.n_drop=6 head_prune.fraction=0.33")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="other planner option, same syntax: mode=free, metric=kl, iterative=true, protect_first=2")
@@ -48,7 +49,7 @@ def parse_options(items: list[str], into: dict) -> dict:
 
 def _windows(profile, tokenizer):
     """The profile's calibration windows, rebuilt from what it recorded, for planners that measure
-    (iterative layer-skip, bits sensitivity); None when the profile does not say."""
+    (iterative layer-skip, bits sensitivity, joint-prune's candidates); None when the profile does not say."""
     from mi_opt.data import token_windows
 
     cal = profile.calibration
@@ -92,7 +93,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"  drop layers: {plan.drop_layers or 'none'}")
     print(f"  prune heads: {sum(len(h) for h in plan.prune_heads.values())} in {len(plan.prune_heads)} layers "
           f"({plan.head_mode})")
+    if plan.prune_neurons:
+        print(f"  prune MLP neurons: {sum(len(n) for n in plan.prune_neurons.values())} in {len(plan.prune_neurons)} "
+              f"layers ({plan.neuron_mode}), MLP sizes {sorted(set(pred.get('mlp_sizes', [])))}")
     if plan.bits:
         print(f"  bits: {len(plan.bits)} targets")
+    for c in plan.planner.get("candidates", []):  # joint-prune: every mix it measured, so the choice is visible
+        measured = (f"loss {c['loss']:.4f}, kl {c['kl']:.4f}" if "kl" in c else f"skipped: {c.get('skipped')}")
+        print(f"  {'*' if c.get('chosen') else ' '} mix {c['mix']}: {measured}")
     print(f"  parameters: {pred['parameters_before']:,} -> {pred['parameters']:,} ({pred['parameter_fraction']:.1%})")
     return 0

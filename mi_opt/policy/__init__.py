@@ -22,7 +22,7 @@ from mi_opt.policy.cost import ModelCost
 from mi_opt.profile.finite import check_profile
 from mi_opt.profile.importance import ImportanceProfile
 
-for _name in ("layer_skip", "head_prune", "combined", "bits"):
+for _name in ("layer_skip", "head_prune", "combined", "bits", "width_prune", "joint_prune"):
     try:
         importlib.import_module(f"mi_opt.policy.{_name}")
     except ModuleNotFoundError as err:
@@ -72,7 +72,7 @@ def make_plan(profile: ImportanceProfile, planner_name: str, config: Any = None,
 
 
 def check_leaves_a_model(plan: CompressionPlan, cost: ModelCost) -> None:
-    """Refuse a plan that deletes every layer, or every head of a layer it keeps. apply would
+    """Refuse a plan that deletes every layer, or every head or MLP neuron of a layer it keeps. apply would
     refuse it too, but only after the plan was written and handed on; a planner reaches one
     when protect_first / protect_last are 0 and the budget asks for everything."""
     kept = [i for i in range(cost.n_layers) if i not in set(plan.drop_layers)]
@@ -83,3 +83,7 @@ def check_leaves_a_model(plan: CompressionPlan, cost: ModelCost) -> None:
         if int(layer) in kept and len(set(heads)) >= cost.geometry[int(layer)].n_heads:
             raise MiOptError(f"the plan would remove all {cost.geometry[int(layer)].n_heads} heads of layer "
                              f"{layer}; lower the head budget, or drop that layer instead")
+    for layer, neurons in plan.prune_neurons.items():
+        if int(layer) in kept and len(set(neurons)) >= cost.mlp_width[int(layer)]:
+            raise MiOptError(f"the plan would remove all {cost.mlp_width[int(layer)]} MLP neurons of layer {layer}; "
+                             "lower the width budget, or drop that layer instead")

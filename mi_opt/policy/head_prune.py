@@ -94,7 +94,8 @@ def _layer_options(scores: list[float], n_kv: int,
     return options
 
 
-def _uniform(options: dict[int, dict], n_heads: int, n_remove: int) -> dict[int, tuple[int, ...]]:
+def _uniform(options: dict[int, dict], n_heads: int, n_remove: int) -> tuple[dict[int, tuple[int, ...]], float]:
+    """The same layout in every layer removing `n_remove` heads in all, and its summed score."""
     layers = list(options)
     if n_remove % len(layers):
         raise MiOptError(f"uniform head pruning removes the same number of heads from each of the {len(layers)} "
@@ -106,10 +107,13 @@ def _uniform(options: dict[int, dict], n_heads: int, n_remove: int) -> dict[int,
         raise MiOptError(f"uniform head pruning cannot leave {target} heads per layer with this grouped-query "
                          f"layout; heads removable per layer: {possible}. Pick another fraction or mode 'free'.")
     best = min(shapes, key=lambda s: (sum(options[i][s].removed_score for i in layers), s))
-    return {i: options[i][best].pruned for i in layers}
+    return {i: options[i][best].pruned for i in layers}, sum(options[i][best].removed_score for i in layers)
 
 
-def _free(options: dict[int, dict], n_heads_of: dict[int, int], n_remove: int) -> dict[int, tuple[int, ...]]:
+def _free_table(options: dict[int, dict], n_heads_of: dict[int, int],
+                limit: int) -> dict[int, tuple[float, list]]:
+    """Least summed score, and its per-layer choices, of every head count up to `limit` that
+    whole, evenly filled KV groups can reach."""
     # dp[r] = (least summed score, choices) over the layers seen so far, removing exactly r heads.
     dp: dict[int, tuple[float, list]] = {0: (0.0, [])}
     for i, opts in options.items():
@@ -118,12 +122,17 @@ def _free(options: dict[int, dict], n_heads_of: dict[int, int], n_remove: int) -
         nxt: dict[int, tuple[float, list]] = {}
         for r, (score, choice) in dp.items():
             for removed, s, pruned in menu:
-                if r + removed > n_remove:
+                if r + removed > limit:
                     continue
                 cand = (score + s, choice + [(i, pruned)])
                 if r + removed not in nxt or cand[0] < nxt[r + removed][0]:
                     nxt[r + removed] = cand
         dp = nxt
+    return dp
+
+
+def _free(options: dict[int, dict], n_heads_of: dict[int, int], n_remove: int) -> dict[int, tuple[int, ...]]:
+    dp = _free_table(options, n_heads_of, n_remove)
     if n_remove not in dp:
         raise MiOptError(f"free head pruning cannot remove exactly {n_remove} heads while keeping whole, "
                          f"evenly filled KV groups; reachable counts near it: "
@@ -140,19 +149,30 @@ def _group_scores(profile: ImportanceProfile, metric: str) -> dict[int, list[flo
     return {i: [g[k] for k in sorted(g)] for i, g in by_layer.items()}
 
 
-def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext,
-                 skip_layers: list[int] = ()) -> dict[int, list[int]]:
-    """Query heads to delete per layer (original numbering), leaving `skip_layers` out."""
+def _layer_menus(profile: ImportanceProfile, metric: str, ctx: PlanContext,
+                 layers: list[int]) -> dict[int, dict[tuple[int, int], _Option]]:
+    """Every layer's head-removal options, from the profile's head (and KV-group) scores."""
     by_layer: dict[int, dict[int, float]] = {}
-    for key, s in unit_scores(profile, "head", config.metric).items():
+    for key, s in unit_scores(profile, "head", metric).items():
         unit = parse_unit(key)
         by_layer.setdefault(unit.layer, {})[unit.index] = s
-    layers = [i for i in range(ctx.cost.n_layers) if i not in skip_layers and i not in config.protect_layers]
     missing = [i for i in layers if len(by_layer.get(i, {})) != ctx.cost.geometry[i].n_heads]
     if missing:
         raise MiOptError(f"the profile lacks head scores for layer(s) {missing}; profile every head first")
     if not layers:
         raise MiOptError("no layer is left to prune heads from (all dropped or protected)")
+    groups = _group_scores(profile, metric)
+    return {i: _layer_options([by_layer[i][h] for h in range(ctx.cost.geometry[i].n_heads)],
+                              ctx.cost.geometry[i].n_kv_heads,
+                              groups.get(i) if len(groups.get(i, [])) == ctx.cost.geometry[i].n_kv_heads else None)
+            for i in layers}
+
+
+def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext,
+                 skip_layers: list[int] = ()) -> dict[int, list[int]]:
+    """Query heads to delete per layer (original numbering), leaving `skip_layers` out."""
+    layers = [i for i in range(ctx.cost.n_layers) if i not in skip_layers and i not in config.protect_layers]
+    options = _layer_menus(profile, config.metric, ctx, layers)
     n_heads_of = {i: ctx.cost.geometry[i].n_heads for i in layers}
     total = sum(n_heads_of.values())
     n_remove = round(config.fraction * total) if config.fraction is not None else config.n_heads
@@ -160,17 +180,38 @@ def choose_heads(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanC
         raise MiOptError(f"cannot remove {n_remove} of {total} heads: every layer keeps at least one head")
     if n_remove == 0:
         return {}
-    groups = _group_scores(profile, config.metric)
-    options = {i: _layer_options([by_layer[i][h] for h in range(n_heads_of[i])], ctx.cost.geometry[i].n_kv_heads,
-                                 groups.get(i) if len(groups.get(i, [])) == ctx.cost.geometry[i].n_kv_heads else None)
-               for i in layers}
     if config.mode == "uniform":
         if len(set(n_heads_of.values())) > 1:
             raise MiOptError("uniform head pruning needs the same head count in every layer; use mode 'free'")
-        chosen = _uniform(options, next(iter(n_heads_of.values())), n_remove)
+        chosen, _ = _uniform(options, next(iter(n_heads_of.values())), n_remove)
     else:
         chosen = _free(options, n_heads_of, n_remove)
     return {i: sorted(p) for i, p in chosen.items() if p}
+
+
+def head_menu(profile: ImportanceProfile, metric: str, mode: str, ctx: PlanContext, skip_layers: list[int] = (),
+              protect_layers: list[int] = (), limit: int | None = None) -> dict[int, tuple[float, dict[int, list[int]]]]:
+    """Every total number of query heads `mode` can remove (up to `limit`), with the least summed
+    score that removes it and the heads that do (original numbering): what a planner weighing
+    heads against other units chooses from. Uniform: multiples of the layer count whose per-layer
+    layout exists; free: the counts whole, evenly filled KV groups reach."""
+    layers = [i for i in range(ctx.cost.n_layers) if i not in skip_layers and i not in protect_layers]
+    options = _layer_menus(profile, metric, ctx, layers)
+    n_heads_of = {i: ctx.cost.geometry[i].n_heads for i in layers}
+    limit = sum(n_heads_of.values()) if limit is None else limit
+    menu: dict[int, tuple[float, dict[int, list[int]]]] = {}
+    if mode == "uniform":
+        if len(set(n_heads_of.values())) > 1:
+            raise MiOptError("uniform head pruning needs the same head count in every layer; use mode 'free'")
+        n_heads = next(iter(n_heads_of.values()))
+        for per_layer in sorted({n_heads - g * k for g, k in options[layers[0]]}):
+            if per_layer * len(layers) <= limit:
+                chosen, score = _uniform(options, n_heads, per_layer * len(layers)) if per_layer else ({}, 0.0)
+                menu[per_layer * len(layers)] = (score, {i: sorted(p) for i, p in chosen.items() if p})
+        return menu
+    for r, (score, choice) in _free_table(options, n_heads_of, limit).items():
+        menu[r] = (score, {i: sorted(p) for i, p in choice if p})
+    return menu
 
 
 def plan_head_prune(profile: ImportanceProfile, config: HeadPruneConfig, ctx: PlanContext) -> CompressionPlan:
