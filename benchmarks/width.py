@@ -12,8 +12,9 @@ Layers are ranked by block influence (ShortGPT's score, the layer plan mi-opt sh
 neuron groups by attribution, the cheap neuron scorer that ranked closest to exact ablation
 (per-layer Spearman 0.87 at 1/50 of its cost; activation and Wanda 0.27-0.34:
 reports/neuron_scorers.md).
-Each plan is evaluated unhealed and healed with the same heal budget (local repair + 20
-localized distillation steps, the quickstart's). Every cell measures perplexity on the
+Each plan is evaluated unhealed and healed with the same heal budget: 30 steps of distillation
+from the original into every weight (a width plan damages every layer, so local repair would
+visit 30 sites one by one; reports/recovery.md found all-weight distillation as good per minute). Every cell measures perplexity on the
 handbook and on the KJV (a domain healing never reads), every item of the five shipped tasks,
 and, in one final pass (`--speed`), decode and prefill of every plan and the original timed
 A/B in one process, interleaved (a healed model has its unhealed twin's shapes, so its speed).
@@ -60,9 +61,8 @@ OUT = ROOT / "reports" / "width"
 TASKS = ("miopt_facts_mc", "miopt_arithmetic", "miopt_capitals", "miopt_name_lookup", "miopt_sequences")
 BUDGETS = (20, 10, 30)  # percent of decoder parameters removed; the target's budget first
 KINDS = ("depth", "heads", "neurons", "joint")
-# The same heal for every plan: a width plan damages every layer, so local repair visits 30 sites.
-HEAL = {"method": "local+distill", "train": "localized", "lr": 3e-4, "steps": 20,
-        "local_steps": 30, "local_windows": 32}
+# The same heal for every plan.
+HEAL = {"method": "distill", "train": "all", "lr": 1e-4, "steps": 30}
 # Scorers, both cheap: block influence for layers; attribution for heads and neuron groups.
 PROFILES = {"layers": ("block_influence", {"batch_size": 4}),
             "width": ("attribution", {"unit_kinds": ["head", "neurons"], "neuron_group": 64, "batch_size": 4})}
@@ -72,11 +72,11 @@ def cells() -> dict[str, tuple[int, str, dict | None]]:
     """cell name -> (budget %, plan kind, heal options or None), in the order they run."""
     out = {}
     for budget in BUDGETS:
-        for kind in KINDS:
-            if kind == "heads" and budget > 10:
-                continue  # unreachable: every head but one per layer is about 16% of the decoder
-            out[f"{budget}-{kind}-unhealed"] = (budget, kind, None)
-            out[f"{budget}-{kind}-healed"] = (budget, kind, HEAL)
+        for heal in (None, HEAL):  # every plan unhealed first: a partial run still compares them all
+            for kind in KINDS:
+                if kind == "heads" and budget > 10:
+                    continue  # unreachable: every head but one per layer is about 16% of the decoder
+                out[f"{budget}-{kind}-{'healed' if heal else 'unhealed'}"] = (budget, kind, heal)
     return out
 
 
