@@ -17,6 +17,7 @@ from torch import nn
 
 from mi_opt.arch import ArchAdapter, HeadGeometry, HeadLayout, get_adapter
 from mi_opt.errors import MiOptError
+from mi_opt.surgery.request import checked_adapter
 from mi_opt.units import HEAD_MODES
 
 def head_layout(geo: HeadGeometry, pruned: Iterable[int]) -> HeadLayout:
@@ -50,13 +51,8 @@ def plan_layouts(model: nn.Module, prune: dict[int, list[int]], mode: str,
 
     `ignore_layers` are about to be deleted: the uniform check skips them.
     """
-    if mode not in HEAD_MODES:
-        raise MiOptError(f"head mode must be one of {HEAD_MODES}, got {mode!r}")
-    adapter = get_adapter(model)
+    adapter = checked_adapter(model, prune, mode, HEAD_MODES, "heads")
     n = adapter.n_layers()
-    bad = sorted(i for i in prune if not 0 <= i < n)
-    if bad:
-        raise MiOptError(f"cannot prune heads of layer(s) {bad}: the model has layers 0..{n - 1}")
     layouts = {}
     for i, heads in prune.items():
         try:

@@ -18,6 +18,7 @@ from torch import nn
 
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
+from mi_opt.surgery.request import checked_adapter
 from mi_opt.units import WIDTH_MODES
 
 
@@ -28,13 +29,8 @@ def plan_keeps(model: nn.Module, prune: dict[int, list[int]], mode: str,
     `ignore_layers` are about to be deleted: their neurons are not checked or pruned, and the
     uniform check skips them.
     """
-    if mode not in WIDTH_MODES:
-        raise MiOptError(f"neuron mode must be one of {WIDTH_MODES}, got {mode!r}")
-    adapter = get_adapter(model)
+    adapter = checked_adapter(model, prune, mode, WIDTH_MODES, "MLP neurons")
     n = adapter.n_layers()
-    bad = sorted(i for i in prune if not 0 <= i < n)
-    if bad:
-        raise MiOptError(f"cannot prune MLP neurons of layer(s) {bad}: the model has layers 0..{n - 1}")
     ignore = set(ignore_layers)
     keeps = {}
     for i, neurons in prune.items():
