@@ -100,6 +100,9 @@ def test_torchao_per_module_mix_and_bf16_storage_reload_like_the_export_check(tm
     assert "model.layers.3.self_attn.v_proj" not in modules and "model.layers.2.mlp.down_proj" in modules
     assert "model.layers.2.mlp.up_proj" not in modules
     assert json.loads((out / SIDECAR).read_text())["verified_max_logit_diff"] == 0.0
+    card = (out / "README.md").read_text()
+    assert "Quantized with torchao: 14 modules at 8 bit (int8-weight-only, per-row scales" in card
+    assert "LLM.int8" not in card
 
 
 def test_torchao_quantizes_an_untied_lm_head_and_refuses_a_tied_one_or_the_embedding(tmp_path):
