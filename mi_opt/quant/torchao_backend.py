@@ -28,11 +28,20 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def _torchao():
+    import logging
+
+    # On a CPU-only machine torchao's import tries each bundled CUDA kernel library and logs one
+    # warning per file; int8 weight-only on CPU needs none of them, so they are not shown.
+    log = logging.getLogger("torchao")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         import torchao
         from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as err:
         raise MiOptError("the torchao backend needs torchao: pip install 'torchao==0.18.0'") from err
+    finally:
+        log.setLevel(level)
     return torchao, FqnToConfig, Int8WeightOnlyConfig, quantize_
 
 
