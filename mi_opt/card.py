@@ -49,7 +49,10 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
             how = ((f" (4-bit format {quant.get('quant_type')})" if 4 in widths else "")
                    + (f" (int8 with LLM.int8 outlier threshold {quant.get('int8_threshold')})" if 8 in widths else ""))
         else:  # torchao: weights only, activations stay in the model's dtype
-            how = f" ({quant.get('format', 'int8-weight-only')}, per-row scales; torchao {quant.get('backend_version')})"
+            groups = {g for g in (quant.get("scale_groups") or {}).values()}
+            scales = ", ".join("one scale per row" if g is None else f"one scale per {g} inputs" for g in
+                               sorted(groups, key=lambda g: g or 0)) or "one scale per row"
+            how = f" ({quant.get('format', 'int8-weight-only')}, {scales}; torchao {quant.get('backend_version')})"
         lines.append(f"- Quantized with {backend}: " + ", ".join(
             f"{c} modules at {b} bit" for b, c in sorted(widths.items())) + how + "; the rest full precision.")
     if plan.is_empty():

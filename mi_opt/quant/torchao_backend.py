@@ -1,9 +1,12 @@
-"""The torchao backend: int8 weight-only (`Int8WeightOnlyConfig`: symmetric per-row int8 weights,
-activations left in the model's dtype), applied per module through torchao's `FqnToConfig`.
+"""The torchao backend: int8 weight-only (`Int8WeightOnlyConfig`: symmetric int8 weights with one
+fp32 scale per GROUP = 64 inputs of a row, activations left in the model's dtype), applied per
+module through torchao's `FqnToConfig`.
 
-Why it exists: on SmolLM2 LLM.int8 (bitsandbytes) costs +0.58 perplexity with every decoder linear
-in int8, mostly from rounding *activations*; rounding only the weights costs about a tenth of that
-(reports/torchao_int8.md). The quantized module stays an `nn.Linear` whose weight is a torchao
+Why it exists: on SmolLM2 LLM.int8 (bitsandbytes) costs +0.41 perplexity (handbook+kjv) with every
+decoder linear in int8, mostly from rounding *activations*. Rounding only the weights costs +0.16
+with one scale per row (torchao's default) and nothing measurable (-0.01) with one scale per 64
+inputs, which costs half a bit per weight more (8.5 bits, GGUF Q8_0's size; reports/torchao_int8.md).
+A linear whose input size 64 does not divide (or is not above) falls back to one scale per row. The quantized module stays an `nn.Linear` whose weight is a torchao
 `Int8Tensor`; the export is what transformers' own torchao integration writes and reads:
 safetensors of the flattened tensor subclasses (`qdata`, `scale`) with their description in the
 file's metadata, and a `TorchAoConfig` naming every quantized module in config.json, so plain
@@ -45,19 +48,37 @@ def _torchao():
     return torchao, FqnToConfig, Int8WeightOnlyConfig, quantize_
 
 
-def _int8_config():
+# One int8 scale per GROUP consecutive input weights of a row, or None for one scale per row
+# (benchmarks/torchao_int8.py measures both).
+GROUP: int | None = 64
+
+
+def group_of(in_features: int) -> int | None:
+    """The scale group a linear with `in_features` inputs gets (per row when GROUP does not divide it)."""
+    return GROUP if GROUP is not None and in_features % GROUP == 0 and in_features > GROUP else None
+
+
+def _int8_config(in_features: int):
+    from torchao.quantization.granularity import PerGroup, PerRow
+
+    group = group_of(in_features)
     # set_inductor_config=False: torchao would otherwise change torch._inductor's global settings
     # as a side effect of quantizing, which nothing here compiles with.
-    return _torchao()[2](set_inductor_config=False)
+    return _torchao()[2](granularity=PerGroup(group) if group else PerRow(), set_inductor_config=False)
+
+
+def _in_features(module: nn.Module) -> int:
+    weight = module.weight
+    return weight.shape[-1]
 
 
 class TorchAoBackend(QuantBackend):
     name = "torchao"
-    formats = {8: ("int8-weight-only",)}
+    formats = {8: ("int8-weight-only",)}  # scales per GROUP inputs (see above)
     refused = {4: "torchao 0.18's int4 weight-only layouts have no CPU kernel in this wheel (plain needs mslk, "
                   "plain_int32 does not support cpu, tile_packed_to_4d needs CUDA), so mi-opt offers torchao int8 only"}
     devices = ("cpu", "cuda")
-    serialization = ("safetensors of torchao's flattened tensor subclasses (int8 qdata + per-row scale, described "
+    serialization = ("safetensors of torchao's flattened tensor subclasses (int8 qdata + scales, described "
                      "in the file's metadata), TorchAoConfig(FqnToConfig) naming every module in config.json")
     transformers_reloads = "yes (transformers' torchao integration), for families whose linears are nn.Linear"
     embed_refusal = ("mi-opt quantizes only linear weights with torchao (Int8WeightOnlyConfig targets nn.Linear; "
@@ -71,7 +92,7 @@ class TorchAoBackend(QuantBackend):
 
         self.check_widths([width], "quantized_linear")
         q = linear_from(linear.weight.detach(), linear.bias.detach() if linear.bias is not None else None)
-        _torchao()[3](q, _int8_config())  # the root module itself matches torchao's linear filter
+        _torchao()[3](q, _int8_config(q.in_features))  # the root module itself matches torchao's linear filter
         return q.eval()
 
     def quantize_(self, model: nn.Module, bits: dict[str, int], options: QuantOptions) -> dict[str, int]:
@@ -88,11 +109,20 @@ class TorchAoBackend(QuantBackend):
                 model.set_submodule(name, adapter.as_linear(original))
         _, FqnToConfig, _, quantize_ = _torchao()
         if targets:
-            quantize_(model, FqnToConfig({n: _int8_config() for n in targets}), filter_fn=None)
+            quantize_(model, FqnToConfig({n: _int8_config(model.get_submodule(n).in_features) for n in targets}),
+                      filter_fn=None)
         missed = [n for n in targets if not self.is_quantized(model.get_submodule(n))]
         if missed:
             raise MiOptError(f"internal: torchao left {missed[:3]} unquantized")
         return targets
+
+    def quantized_bytes(self, numel: int, out_features: int, bits: int, has_bias: bool = False) -> int:
+        if bits != 8:
+            return super().quantized_bytes(numel, out_features, bits, has_bias)
+        in_features = numel // out_features
+        group = group_of(in_features)
+        scales = out_features * (in_features // group if group else 1)  # one fp32 scale per group (or row)
+        return numel + 4 * scales + (2 * out_features if has_bias else 0)
 
     def is_quantized(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
@@ -114,7 +144,8 @@ class TorchAoBackend(QuantBackend):
         names = {id(m): n for n, m in model.named_modules()}
         head = names.get(id(adapter.lm_head())) in modules  # transformers skips lm_head unless told
         FqnToConfig = _torchao()[1]
-        cfg = TorchAoConfig(quant_type=FqnToConfig({n: _int8_config() for n in sorted(modules)}),
+        cfg = TorchAoConfig(quant_type=FqnToConfig({n: _int8_config(_in_features(model.get_submodule(n)))
+                                                    for n in sorted(modules)}),
                             include_input_output_embeddings=head)
         return cfg.to_dict()
 
@@ -141,6 +172,7 @@ class TorchAoBackend(QuantBackend):
         hf_config = self.hf_config(model, modules)
         return {"backend": self.name, "backend_version": self.version(), "weights": WEIGHTS_FILE,
                 "modules": modules, "format": self.formats[8][0], "tied_not_saved": tied,
+                "scale_groups": {n: group_of(_in_features(model.get_submodule(n))) for n in modules},
                 "loader": "transformers" if hf_config is not None else "mi_opt", "quantization_config": hf_config,
                 "loader_reason": None if hf_config is not None or not modules else
                 "transformers would rebuild this family's projections as Conv1D, not the nn.Linear torchao quantized"}

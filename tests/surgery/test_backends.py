@@ -101,7 +101,8 @@ def test_torchao_per_module_mix_and_bf16_storage_reload_like_the_export_check(tm
     assert "model.layers.2.mlp.up_proj" not in modules
     assert json.loads((out / SIDECAR).read_text())["verified_max_logit_diff"] == 0.0
     card = (out / "README.md").read_text()
-    assert "Quantized with torchao: 14 modules at 8 bit (int8-weight-only, per-row scales" in card
+    # tiny Llama: 32 inputs (per row; 64 does not fit), down_proj's 64 (one group per row)
+    assert "Quantized with torchao: 14 modules at 8 bit (int8-weight-only, one scale per row; torchao" in card
     assert "LLM.int8" not in card
 
 
@@ -189,3 +190,25 @@ def test_gguf_backend_quantizes_a_tied_embedding_once():
     assert torch.equal(tied.lm_head.weight, _round_trip(weight, gguf.GGMLQuantizationType.Q8_0)[1])
     with pytest.raises(MiOptError, match="ties them: in GGUF they are one tensor"):
         apply_(_tied_llama(), _plan(_tied_llama(), bits={"embed": 8, "lm_head": 4}, backend="gguf", quant_type=None))
+
+
+def test_torchao_scale_groups_reload_identically_and_fall_back_to_rows(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from mi_opt.quant import torchao_backend
+
+    monkeypatch.setattr(torchao_backend, "GROUP", 32)  # tiny widths: 32 inputs (per row), 64 (two groups)
+    model = tiny_model("llama")
+    plan = _plan(model, bits=EVERY_LINEAR, backend="torchao", quant_type=None)
+    apply_(model, plan)
+    assert list(model.model.layers[0].mlp.down_proj.weight.block_size) == [1, 32]
+    assert list(model.model.layers[0].mlp.up_proj.weight.block_size) == [1, 32]  # whole rows of 32
+    out = export(model, None, plan, tmp_path / "x", dtype="fp32")
+    groups = json.loads((out / SIDECAR).read_text())["quantization"]["scale_groups"]
+    assert groups["model.layers.0.mlp.down_proj"] == 32 and groups["model.layers.0.mlp.up_proj"] is None
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    assert list(plain.model.layers[0].mlp.down_proj.weight.block_size) == [1, 32]
+    assert torch.equal(_logits(plain), _logits(model))
+    assert torch.equal(_logits(load_compressed(out, attn_implementation="eager")), _logits(model))
+    sizes = get_backend("torchao").quantized_bytes(32 * 64, 32, 8)
+    assert sizes == 32 * 64 + 4 * 32 * 2  # int8 weights + one fp32 scale per group of 32
