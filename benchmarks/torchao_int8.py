@@ -144,6 +144,7 @@ def render(report: dict) -> str:
              f"+{report['target']}): {default['increase']:+.3f} with the backend's default scales (one per 64 "
              f"inputs), {'met' if report['met'] else 'NOT met'}"
              + (f"; one scale per row gave {per_row['increase']:+.3f}" if per_row else "") + ".", "",
+             *([f"Provenance: {report['provenance']}.", ""] if report.get("provenance") else []),
              "| model | backend (version) | perplexity | increase | decode ms/token* |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         backend = f"{r['backend']} {r['version']}" if r["backend"] else ""
