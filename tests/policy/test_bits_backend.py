@@ -3,7 +3,6 @@ backend, recorded with its name and version, and refused for a plan made for ano
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny import tiny_model, tiny_windows
 
 from mi_opt.errors import MiOptError
