@@ -27,9 +27,13 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """A bitsandbytes module (mi-opt's own 4-bit class subclasses bitsandbytes'). Decided by the
-    classes' modules, so that asking about an unquantized model never imports bitsandbytes."""
-    return any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+    """A bitsandbytes module (mi-opt's own 4-bit class subclasses bitsandbytes'), or a linear whose
+    weight is a torchao tensor subclass (torchao quantizes in place and keeps the nn.Linear). Decided
+    by the classes' modules, so that asking about an unquantized model never imports either library."""
+    if any(c.__module__.startswith("bitsandbytes") for c in type(module).__mro__):
+        return True
+    weight = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
+    return weight is not None and type(weight).__module__.startswith("torchao")
 
 
 def _slice_linear(lin: nn.Module, out_rows: torch.Tensor | None = None, in_cols: torch.Tensor | None = None,
@@ -189,8 +193,9 @@ class ArchAdapter:
         return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
     def is_full_precision_linear(self, module: nn.Module) -> bool:
-        """A linear that can still be quantized (bitsandbytes modules subclass nn.Linear: not those)."""
-        return type(module) is nn.Linear
+        """A linear that can still be quantized (bitsandbytes modules subclass nn.Linear, torchao keeps
+        nn.Linear with a quantized weight: not those)."""
+        return type(module) is nn.Linear and not is_quantized(module)
 
     def full_precision_linears(self, root: nn.Module) -> dict[str, nn.Module]:
         """Every full-precision linear under `root`, by name relative to it."""
@@ -387,7 +392,7 @@ class GPT2Adapter(ArchAdapter):
     def is_full_precision_linear(self, module: nn.Module) -> bool:
         from transformers.pytorch_utils import Conv1D
 
-        return type(module) is nn.Linear or isinstance(module, Conv1D)
+        return (type(module) is nn.Linear and not is_quantized(module)) or isinstance(module, Conv1D)
 
     def as_linear(self, module: nn.Module) -> nn.Linear:
         if type(module) is nn.Linear:

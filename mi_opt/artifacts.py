@@ -168,7 +168,7 @@ def model_fingerprint(model: nn.Module, tokenizer=None) -> str:
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     seen: dict[tuple, str] = {}  # tied weights (lm_head = embeddings) are hashed once
-    for name, tensor in model.state_dict().items():
+    for name, tensor in _plain_tensors(model.state_dict()):
         if not isinstance(tensor, torch.Tensor):  # extra state some modules keep
             h.update(f"{name}={tensor!r};".encode())
             continue
@@ -185,6 +185,18 @@ def model_fingerprint(model: nn.Module, tokenizer=None) -> str:
     if tokenizer is not None:
         h.update(tokenizer_digest(tokenizer).encode())
     return h.hexdigest()[:16]
+
+
+def _plain_tensors(state: dict):
+    """(name, tensor) pairs with tensor subclasses (torchao's quantized weights) opened into the plain
+    tensors they hold (`name._qdata`, `name._scale`, ...): a subclass has no storage of its own to read."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and type(tensor) is not torch.Tensor and hasattr(tensor, "__tensor_flatten__"):
+            inner, context = tensor.__tensor_flatten__()
+            yield f"{name}:{type(tensor).__name__}", repr(context)
+            yield from _plain_tensors({f"{name}._{k}": getattr(tensor, k) for k in inner})
+        else:
+            yield name, tensor
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

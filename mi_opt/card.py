@@ -55,11 +55,17 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
         widths: dict[int, int] = {}
         for b in quant["modules"].values():
             widths[b] = widths.get(b, 0) + 1
-        lines.append("- Quantized with bitsandbytes: " + ", ".join(
-            f"{c} modules at {b} bit" for b, c in sorted(widths.items()))
-            + (f" (4-bit format {quant.get('quant_type')})" if 4 in widths else "")
-            + (f" (int8 with LLM.int8 outlier threshold {quant.get('int8_threshold')})" if 8 in widths else "")
-            + "; the rest full precision.")
+        backend = quant.get("backend", "bitsandbytes")
+        if backend == "bitsandbytes":
+            how = ((f" (4-bit format {quant.get('quant_type')})" if 4 in widths else "")
+                   + (f" (int8 with LLM.int8 outlier threshold {quant.get('int8_threshold')})" if 8 in widths else ""))
+        else:  # torchao: weights only, activations stay in the model's dtype
+            groups = {g for g in (quant.get("scale_groups") or {}).values()}
+            scales = ", ".join("one scale per row" if g is None else f"one scale per {g} inputs" for g in
+                               sorted(groups, key=lambda g: g or 0)) or "one scale per row"
+            how = f" ({quant.get('format', 'int8-weight-only')}, {scales}; torchao {quant.get('backend_version')})"
+        lines.append(f"- Quantized with {backend}: " + ", ".join(
+            f"{c} modules at {b} bit" for b, c in sorted(widths.items())) + how + "; the rest full precision.")
     if plan.is_empty():
         lines.append("- Nothing: the plan was empty.")
     if heal is not None:
@@ -78,7 +84,9 @@ def model_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, 
         lines.append("Not measured at export time; run `mi-opt eval` on this folder.")
     lines += ["", "## How to load", ""]
     if sidecar["loader"] == "transformers":
-        lines += ["Plain transformers loads it:", "", "```python",
+        needs = {"torchao": " (with torchao installed: `pip install torchao`)",
+                 "bitsandbytes": " (with bitsandbytes installed)"}.get(quant.get("backend"), "") if quant.get("modules") else ""
+        lines += [f"Plain transformers loads it{needs}:", "", "```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
                   "```", "", "(`mi_opt.load_compressed(PATH)` works too.)"]

@@ -20,7 +20,7 @@ def loader_reason(model: nn.Module, shapes: dict, quantization: dict | None) -> 
     reasons = [adapter.head_shapes_unloadable([tuple(h) for h in shapes["heads"]]),
                adapter.mlp_sizes_unloadable(shapes["mlp_sizes"])]
     if quantization and quantization.get("loader") != "transformers":
-        reasons.append("mixed bit widths or a quantized lm_head")
+        reasons.append(quantization.get("loader_reason") or "mixed bit widths or a quantized lm_head")
     return "; ".join(r for r in reasons if r) or None
 
 

@@ -107,9 +107,10 @@ def reference_logits(model: nn.Module, ids: torch.Tensor, params: dict[str, torc
 
 def _verify(model: nn.Module, reloaded: nn.Module, where: Path, want: torch.Tensor | None = None) -> float:
     ids = probe_ids(model)
+    reloaded = reloaded.to(ids.device)  # outside inference mode: torchao's tensors cannot be moved inside it
     with torch.inference_mode():
         want = model(ids, use_cache=False).logits.float() if want is None else want
-        got = reloaded.to(ids.device)(ids, use_cache=False).logits.float()
+        got = reloaded(ids, use_cache=False).logits.float()
     if got.shape != want.shape:
         raise MiOptError(f"export check failed: reloaded logits have shape {tuple(got.shape)}, expected "
                          f"{tuple(want.shape)}; nothing was written")
@@ -129,13 +130,14 @@ def _stored_state_dict(model: nn.Module, stored: dict[str, torch.Tensor], dtype:
 
 def _write_checkpoint(model: nn.Module, tmp: Path, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict | None:
     """Weights + config into tmp; the quantization metadata, or None when nothing is quantized."""
-    meta = None
-    if not has_quantized_modules(model):
-        model.save_pretrained(tmp, state_dict=_stored_state_dict(model, stored, dtype))
-    else:
-        from mi_opt.surgery.quantize import save_quantized  # optional backend, only for quantized models
+    from mi_opt.quant import backend_of
 
-        meta = save_quantized(model, tmp, {n: t.to(dtype) for n, t in stored.items()})
+    meta = None
+    backend = backend_of(model) if has_quantized_modules(model) else None
+    if backend is None:
+        model.save_pretrained(tmp, state_dict=_stored_state_dict(model, stored, dtype))
+    else:  # the backend whose modules the model holds writes them (mi_opt/quant/)
+        meta = backend.save(model, tmp, {n: t.to(dtype) for n, t in stored.items()})
         model.config.save_pretrained(tmp)
     path = tmp / "config.json"
     cfg = json.loads(path.read_text())
@@ -184,6 +186,7 @@ def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out
     model = bare(model)
     if format not in FORMATS:
         raise MiOptError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    _check_backend_format(plan, format, gguf)
     out = Path(out_dir)
     if out.exists() and not force:
         raise MiOptError(f"{out} already exists; choose another folder or pass force=True (--force) to replace it")
@@ -226,6 +229,28 @@ def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out
         write_json(tmp / SIDECAR, sidecar)
         finish(tmp, out, plan, model_card(plan, sidecar, eval_results, heal), profile, heal)
     return out
+
+
+def _check_backend_format(plan: CompressionPlan, format: str, gguf=None) -> None:
+    """A plan's quantization backend is written by the export formats it declares. bitsandbytes plans
+    may still be exported as GGUF (the GGUF writer re-quantizes from the unquantized weights; such a
+    plan's damage was measured with bitsandbytes, what recipes did before the gguf backend existed)."""
+    from mi_opt.quant import get_backend
+
+    if not any(b < 16 for b in plan.bits.values()):
+        return
+    backend = get_backend(plan.backend)
+    if format not in backend.export_formats and not (format == "gguf" and plan.backend == "bitsandbytes"):
+        raise MiOptError(f"the plan quantizes with backend {plan.backend}, which export format {format} does not "
+                         f"carry; export it as {' or '.join(backend.export_formats)} (or plan for another backend)")
+    if format == "gguf" and plan.backend == "gguf" and any(b == 4 for b in plan.bits.values()):
+        from mi_opt.formats.gguf_types import GgufOptions
+
+        written = (gguf or GgufOptions()).mapping()[4]
+        if written != plan.quant_type:
+            raise MiOptError(f"the plan's 4-bit modules were measured as {plan.quant_type}, but the GGUF export would "
+                             f"write {written}: set export.gguf.types {{4: {plan.quant_type}}} (or plan with quant_type "
+                             f"{written})")
 
 
 @contextmanager
@@ -329,9 +354,9 @@ def load_compressed(path: str | Path, device: str = "cpu", attn_implementation: 
     rebuild_shapes_(model, sidecar)  # per-layer heads and MLP sizes, before the weights go in
     model.to(device)
     if sidecar.get("quantization"):
-        from mi_opt.surgery.quantize import load_quantized_
+        from mi_opt.quant import get_backend  # exports before backends existed were all bitsandbytes
 
-        load_quantized_(model, folder, sidecar["quantization"])
+        get_backend(sidecar["quantization"].get("backend", "bitsandbytes")).load_(model, folder, sidecar["quantization"])
         model.tie_weights()  # a tied lm_head is not saved: share the loaded embedding again
     else:
         _load_weights_(model, folder)

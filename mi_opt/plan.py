@@ -45,8 +45,11 @@ class CompressionPlan(JsonArtifact):
     # Bits per target. Keys: "L<i>" (every linear of layer i), "L<i>.<module path>" (one module,
     # path relative to the layer, e.g. "L3.self_attn.q_proj"), "embed", "lm_head". Missing = 16.
     bits: dict[str, int] = field(default_factory=dict)
-    quant_type: str = "nf4"                               # 4-bit format: "nf4" or "fp4"
+    quant_type: str | None = "nf4"                        # 4-bit format: bitsandbytes "nf4"/"fp4", GGUF "Q4_0"...
     int8_threshold: float = INT8_THRESHOLD                # LLM.int8 outlier threshold (0 = pure int8)
+    # Which quantization backend carries out `bits` (mi_opt/quant/): "bitsandbytes" (what plans
+    # without the field meant), "torchao" or "gguf". Its widths and formats are checked by apply_.
+    backend: str = "bitsandbytes"
     budget: dict = field(default_factory=dict)            # what the planner was asked for
     predicted: dict = field(default_factory=dict)         # parameters, bytes after the plan
     planner: dict = field(default_factory=dict)           # planner name and its config
@@ -65,7 +68,10 @@ class CompressionPlan(JsonArtifact):
         bad = {k: b for k, b in self.bits.items() if b not in BIT_WIDTHS}
         if bad:
             raise MiOptError(f"bit widths must be in {BIT_WIDTHS}; got {bad}")
-        if self.quant_type not in QUANT_TYPES:
+        from mi_opt.quant import BACKENDS  # the registry: a name that is no backend fails here, in one sentence
+
+        BACKENDS.get(self.backend)
+        if self.backend == "bitsandbytes" and self.quant_type not in QUANT_TYPES:
             raise MiOptError(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
         self.int8_threshold = check_int8_threshold(self.int8_threshold)
 

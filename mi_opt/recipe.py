@@ -125,9 +125,32 @@ class Recipe:
             raise MiOptError("heal with export.format gguf is not supported yet: healing updates bitsandbytes or "
                              "float weights that the GGUF writer would round again, so the file would not be the "
                              "healed model that was evaluated; export safetensors, or drop heal")
+        self._check_backend()
         if self.heal and self.heal.eval_seq_len != self.evaluate.ppl_seq_len:
             raise MiOptError(f"heal.eval_seq_len ({self.heal.eval_seq_len}) must equal evaluate.ppl_seq_len "
                              f"({self.evaluate.ppl_seq_len}): it is how healing keeps clear of the evaluation text")
+
+    def _check_backend(self) -> None:
+        """The quantization backend the policy plans for must be one the export format ships and the heal
+        can update; refused at load time, not after the evaluations."""
+        options = self.policy.options or {}
+        bits = options.get("bits") if isinstance(options.get("bits"), dict) else options
+        name = bits.get("backend", "bitsandbytes") if isinstance(bits, dict) else "bitsandbytes"
+        from mi_opt.quant import get_backend
+
+        backend = get_backend(name)
+        if self.export.enabled and name != "bitsandbytes" and self.export.format not in backend.export_formats:
+            raise MiOptError(f"policy backend {name} is shipped as export.format {' or '.join(backend.export_formats)}, "
+                             f"not {self.export.format}")
+        if name == "gguf" and self.export.format == "gguf":
+            measured = bits.get("quant_type") or backend.formats[4][0]
+            written = self.export.gguf_options().mapping()[4]
+            if measured != written:
+                raise MiOptError(f"policy quant_type {measured} (what the planner measures 4-bit damage with) but "
+                                 f"export.gguf.types writes 4-bit as {written}: give both the same GGML type")
+        if self.heal and name != "bitsandbytes":
+            raise MiOptError(f"heal with quantization backend {name} is not supported yet: healing re-quantizes "
+                             "bitsandbytes modules only; drop heal or plan for bitsandbytes")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -88,7 +88,9 @@ def plan_summary(plan: CompressionPlan, n_layers: int, formats: dict[int, str] |
         by_width = {}
         for key, b in quantized.items():
             by_width.setdefault(b, []).append(key)
-        fmt = formats or {4: plan.quant_type, 8: f"int8, outlier threshold {plan.int8_threshold}"}
+        fmt = formats or {"torchao": {8: "torchao int8 weight-only"},
+                          "gguf": {4: f"GGUF {plan.quant_type}", 8: "GGUF Q8_0"}}.get(
+            plan.backend, {4: plan.quant_type, 8: f"int8, outlier threshold {plan.int8_threshold}"})
         lines += [f"{b}-bit ({fmt[b]}): {', '.join(sorted(keys, key=key_order))}."
                   for b, keys in sorted(by_width.items())]
     predicted = plan.predicted

@@ -21,6 +21,11 @@ else rounded *up* to buckets (never over budget, optimal up to one bucket per un
 Rules, explicit: the budget covers the decoder layers' linears. Token embeddings stay 16-bit
 (bitsandbytes has no inference kernel mi-opt can reload); lm_head takes `lm_head_bits`, which must
 stay 16 when it is tied to the embeddings (SmolLM2): `untie_lm_head_` first otherwise.
+
+Backend: `backend` names the quantization backend (mi_opt/quant/) the plan is for; the widths must
+be ones it offers, the damage is measured with its own quantizer, and a saved sensitivity measured
+with another backend is refused: one backend's damage says little about another's (LLM.int8 rounds
+activations, torchao int8 weight-only and GGUF only weights).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, uni
 from mi_opt.profile.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                               unit_sizes)
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.units import BIT_WIDTHS, QUANT_TYPES, layer_of, parse_unit
+from mi_opt.units import BIT_WIDTHS, layer_of, parse_unit
 
 SCORES = ("sensitivity", "importance")
 # importance mode: damage of a unit at width w = importance * 4^-(w-4), the scaling of the
@@ -52,7 +57,8 @@ class BitsConfig:
     granularity: str | None = None         # "module": a width per linear; "layer": one per layer.
                                            # None: module (sensitivity), layer (importance scores)
     metric: str = "kl"                     # damage to minimize: "kl" or "delta_loss"
-    quant_type: str = "nf4"                # 4-bit format
+    quant_type: str | None = None          # 4-bit format; None: the backend's default (bitsandbytes nf4, gguf Q4_0)
+    backend: str = "bitsandbytes"          # quantization backend (mi_opt/quant/): bitsandbytes, torchao, gguf
     int8_threshold: float = INT8_THRESHOLD # LLM.int8 outlier threshold for the 8-bit modules (0 = pure int8)
     score: str = "sensitivity"             # "sensitivity" (measured quantization damage) or "importance"
     sensitivity: str | None = None         # saved quant-sensitivity JSON; measured when None
@@ -77,8 +83,13 @@ class BitsConfig:
         if self.granularity not in GRANULARITIES:
             raise MiOptError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         check_metric(self.metric)
-        if self.quant_type not in QUANT_TYPES:
-            raise MiOptError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        from mi_opt.quant import get_backend
+
+        backend = get_backend(self.backend)
+        backend.check_widths(self.widths, "the bits planner's widths")
+        if 4 in backend.formats or self.quant_type is not None:
+            self.quant_type = backend.quant_type(self.quant_type)
+        backend.check_widths([self.lm_head_bits], "lm_head_bits")
         self.int8_threshold = check_int8_threshold(self.int8_threshold)
         if self.score == "importance" and self.granularity != "layer":
             raise MiOptError("score='importance' uses layer ablation scores: use granularity='layer'")
@@ -193,7 +204,11 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
         if fp and sens.model.get("fingerprint") not in (None, fp):
             raise MiOptError(f"{config.sensitivity} was measured on model {sens.model.get('fingerprint')}, the "
                              f"profile on {fp}: measure sensitivity on the same model")
-        if sens.int8_threshold != config.int8_threshold and 8 in config.widths:
+        if sens.backend != config.backend:
+            raise MiOptError(f"{config.sensitivity} was measured with quantization backend {sens.backend} "
+                             f"({sens.method.get('backend_version', 'version not recorded')}), the config plans for "
+                             f"{config.backend}: measure sensitivity with the backend the plan will use")
+        if config.backend == "bitsandbytes" and sens.int8_threshold != config.int8_threshold and 8 in config.widths:
             raise MiOptError(f"{config.sensitivity} measured int8 with outlier threshold "
                              f"{sens.int8_threshold}, the config asks for {config.int8_threshold}: "
                              "measure sensitivity with the same int8_threshold")
@@ -206,12 +221,13 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
                              "windows= to make_plan, or a saved sensitivity file as sensitivity=")
         sens = measure_quant_sensitivity(ctx.model, ctx.windows, tuple(w for w in config.widths if w < 16) or (4,),
                                          config.granularity, config.quant_type, config.batch_size,
-                                         int8_threshold=config.int8_threshold, progress=ctx.progress)
+                                         int8_threshold=config.int8_threshold, progress=ctx.progress,
+                                         backend=config.backend)
     else:
         sens = None
     if config.score == "importance":
         units = quant_units(get_adapter(ctx.model), "layer")
-        sizes = unit_sizes(ctx.model, units)
+        sizes = unit_sizes(ctx.model, units, config.backend)
         damage = _importance_damage(profile, list(units), config)
     else:
         sizes = sens.sizes
@@ -220,12 +236,13 @@ def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) 
     plan_bits_map = {**bits, "embed": 16, "lm_head": config.lm_head_bits}
     budget = {"kind": "bits", "avg_bits": config.avg_bits, "max_bytes": config.max_bytes,
               "scope": "decoder-layer linears", "widths": list(config.widths)}
-    planner = {"score": config.score}
+    planner = {"score": config.score, "backend": config.backend}
     if sens is not None:
         planner["sensitivity"] = {"path": config.sensitivity, "base_loss": sens.base_loss,
-                                  "calibration": sens.calibration, "cost": sens.cost}
+                                  "calibration": sens.calibration, "cost": sens.cost, "backend": sens.backend,
+                                  "backend_version": sens.method.get("backend_version")}
     return CompressionPlan(model={}, bits=plan_bits_map, quant_type=config.quant_type,
-                           int8_threshold=config.int8_threshold, budget=budget,
+                           int8_threshold=config.int8_threshold, backend=config.backend, budget=budget,
                            predicted=predicted, planner=planner)
 
 

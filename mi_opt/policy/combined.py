@@ -45,6 +45,7 @@ def merge_bits(plan: CompressionPlan, bits_plan: CompressionPlan) -> None:
     plan.bits = {k: b for k, b in bits_plan.bits.items() if not in_layers(k, dropped)}
     plan.quant_type = bits_plan.quant_type
     plan.int8_threshold = bits_plan.int8_threshold
+    plan.backend = bits_plan.backend
     plan.predicted["bits"] = bits_plan.predicted
     plan.budget["bits"] = bits_plan.budget
 

@@ -3,12 +3,15 @@
 Layer importance (what ablating a layer costs) is not quantization sensitivity: a layer can
 matter a lot yet tolerate 4 bits, or matter little yet have outlier weights that 4 bits ruin.
 So this measures the matching intervention: for every unit and every candidate width below 16,
-replace only that unit's linears by the real bitsandbytes modules, run the calibration windows,
-and record the increase of mean next-token loss and the KL to the unquantized model.
+replace only that unit's linears by the modules of the plan's quantization backend (mi_opt/quant/:
+bitsandbytes, torchao or gguf), run the calibration windows, and record the increase of mean
+next-token loss and the KL to the unquantized model. The backend's name and version are recorded
+in `method`, and the bit planner refuses a sensitivity measured with another backend.
 
-The real modules, not a quantize-dequantize shortcut: on CPUs with AVX512-BF16 bitsandbytes'
-4-bit kernel computes in bf16 with bf16 scales and the int8 path quantizes activations too, so
-fake-quantized fp32 weights would not give the numbers the deployed model has.
+The backend's real modules, not a generic quantize-dequantize shortcut: on CPUs with AVX512-BF16
+bitsandbytes' 4-bit kernel computes in bf16 with bf16 scales and its int8 path quantizes
+activations too, while torchao int8 weight-only rounds only the weights, so one backend's numbers
+say little about another's.
 
 Speed: a perturbation + replay through mi_opt/profile/engine.py, like ablation: one clean
 forward per batch caches the residual stream entering every layer and each layer's call
@@ -29,7 +32,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.handle import as_loaded, model_summary
 from mi_opt.plan import INT8_THRESHOLD, check_int8_threshold
 from mi_opt.profile.engine import CleanReference, LayerInputs, calibration_batches, mean_and_se
-from mi_opt.units import BIT_WIDTHS, QUANT_TYPES, Unit, layer_of
+from mi_opt.units import BIT_WIDTHS, Unit, layer_of
 
 SCHEMA = "mi-opt/quant-sensitivity"
 VERSION = 1
@@ -60,6 +63,11 @@ class QuantSensitivity(JsonArtifact):
         return list(self.scores)
 
     @property
+    def backend(self) -> str:
+        """The quantization backend it was measured with (files that predate the field: bitsandbytes)."""
+        return self.method.get("backend", "bitsandbytes")
+
+    @property
     def int8_threshold(self) -> float:
         """The LLM.int8 outlier threshold its int8 damage was measured at (files that predate
         the field were measured with pure int8, 0)."""
@@ -83,9 +91,10 @@ def quant_units(adapter: ArchAdapter, granularity: str) -> dict[str, list[str]]:
     return units
 
 
-def unit_sizes(model, units: dict[str, list[str]]) -> dict[str, dict]:
-    from mi_opt.surgery.quantize import quantized_bytes
+def unit_sizes(model, units: dict[str, list[str]], backend: str = "bitsandbytes") -> dict[str, dict]:
+    from mi_opt.quant import get_backend
 
+    quantized_bytes = get_backend(backend).quantized_bytes
     adapter = get_adapter(model)
     sizes = {}
     for key, names in units.items():
@@ -97,22 +106,26 @@ def unit_sizes(model, units: dict[str, list[str]]) -> dict[str, dict]:
 
 
 def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, ...] = (4, 8),
-                              granularity: str = "module", quant_type: str = "nf4", batch_size: int = 4,
+                              granularity: str = "module", quant_type: str | None = None, batch_size: int = 4,
                               chunk_rows: int = 1, calibration: dict | None = None,
                               model_spec: str | None = None, int8_threshold: float = INT8_THRESHOLD,
-                              progress: bool = True) -> QuantSensitivity:
-    """Score every unit at every width in `widths` (< 16) on `windows` (n_samples x seq_len).
+                              progress: bool = True, backend: str = "bitsandbytes") -> QuantSensitivity:
+    """Score every unit at every width in `widths` (< 16) on `windows` (n_samples x seq_len), quantized
+    by `backend` (quant_type: its 4-bit format, None for its default).
 
     The model is left exactly as it was (modules are swapped back in a finally block).
     """
-    from mi_opt.surgery.quantize import quantized_linear  # bitsandbytes: imported only to measure
+    from mi_opt.quant import QuantOptions, get_backend
 
+    quantizer = get_backend(backend)
     widths = tuple(sorted({int(w) for w in widths if int(w) < 16}))
     if not widths or any(w not in (4, 8) for w in widths):
         raise MiOptError(f"sensitivity widths must be 4 and/or 8 (16 is the reference), got {widths}")
-    if quant_type not in QUANT_TYPES:
-        raise MiOptError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    quantizer.check_widths(widths, "the sensitivity measurement")
+    # checked against the backend's 4-bit formats (or its default); None for a backend without 4-bit
+    quant_type = quantizer.quant_type(quant_type) if 4 in quantizer.formats or quant_type is not None else None
     int8_threshold = check_int8_threshold(int8_threshold)
+    options = QuantOptions(quant_type, int8_threshold)
     if batch_size < 1 or chunk_rows < 1:
         raise MiOptError("batch_size and chunk_rows must be >= 1")
     loaded = as_loaded(model, model_spec)
@@ -121,7 +134,7 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
     batches = calibration_batches(windows, batch_size, adapter.input_device())
     started = time.perf_counter()
     originals = {n: model.get_submodule(n) for names in units.values() for n in names}
-    quantized = {(key, w): {n: quantized_linear(adapter.as_linear(originals[n]), w, quant_type, int8_threshold)
+    quantized = {(key, w): {n: quantizer.quantized_linear(adapter.as_linear(originals[n]), w, options)
                             for n in names}
                  for key, names in tqdm(units.items(), desc="quantizing units", disable=not progress)
                  for w in widths}
@@ -155,12 +168,12 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
         scores[key][str(w)] = {"delta_loss": dl, "delta_loss_se": dl_se, "kl": kl, "kl_se": kl_se}
     return QuantSensitivity(
         model=model_summary(loaded, adapter, model_spec),
-        method={"intervention": "quantize one unit with bitsandbytes, all else full precision",
-                "granularity": granularity, "widths": list(widths), "quant_type": quant_type,
+        method={"intervention": f"quantize one unit with {backend}, all else full precision",
+                "backend": backend, "backend_version": quantizer.version(), "granularity": granularity, "widths": list(widths), "quant_type": quant_type,
                 "int8_threshold": int8_threshold,
                 "metrics": {"delta_loss": "increase of mean next-token NLL (nats)",
                             "kl": "mean KL(unquantized || quantized) of next-token distributions (nats)"}},
         calibration={**(calibration or {}), "n_samples": len(windows), "seq_len": int(windows.shape[1]),
                      "batch_size": batch_size, "n_batches": len(batches)},
-        base_loss=sum(base) / len(base), scores=scores, sizes=unit_sizes(model, units),
+        base_loss=sum(base) / len(base), scores=scores, sizes=unit_sizes(model, units, backend),
         cost={"wall_time_s": round(time.perf_counter() - started, 3), "runs": len(per_batch) * len(batches)})

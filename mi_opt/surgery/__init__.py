@@ -35,6 +35,10 @@ def check_plan(model: nn.Module | LoadedModel, plan: CompressionPlan) -> None:
     plan_keeps(model, plan.prune_neurons, plan.neuron_mode, plan.drop_layers)
     for key in plan.bits:
         check_bits_key(adapter, key)
+    from mi_opt.quant import get_backend
+
+    # widths, formats and tied weights the backend cannot carry out: refused before anything changes
+    get_backend(plan.backend).check_model(model, plan.bits, plan.quant_type)
 
 
 def check_bits_key(adapter, key: str) -> None:
@@ -55,8 +59,8 @@ def apply_(model: nn.Module | LoadedModel, plan: CompressionPlan) -> nn.Module:
     prune_neurons_(model, plan.prune_neurons, plan.neuron_mode, ignore_layers=dropped)
     bits = {k: b for k, b in plan.bits.items() if not in_layers(k, dropped)}
     if any(b < 16 for b in bits.values()):
-        from mi_opt.surgery.quantize import quantize_  # optional backend; imported only when needed
+        from mi_opt.quant import QuantOptions, get_backend  # the backend imports its library only now
 
-        quantize_(model, bits, plan.quant_type, plan.int8_threshold)
+        get_backend(plan.backend).quantize_(model, bits, QuantOptions.of(plan))
     drop_layers_(model, plan.drop_layers)
     return model
