@@ -109,6 +109,15 @@ class Candidate:
                 "parameters": p.predicted["parameters"], **self.measured}
 
 
+def layer_metric(profile: ImportanceProfile, metric: str) -> str:
+    """The metric layers rank by: `metric`, unless their scorer measured none (block influence
+    has one score, kept as delta_loss; the candidates are measured anyway, so only the order matters)."""
+    layers = profile.units("layer")
+    if layers and all(profile.score(k, metric) is None for k in layers):
+        return "delta_loss"
+    return metric
+
+
 def _build(profile: ImportanceProfile, config: JointPruneConfig, ctx: PlanContext, mix: dict[str, float],
            target: int) -> Candidate:
     cost = ctx.cost
@@ -124,9 +133,10 @@ def _build(profile: ImportanceProfile, config: JointPruneConfig, ctx: PlanContex
     if mix.get("layers"):
         share += mix["layers"]
         want = math.ceil(share * target)
-        skip = LayerSkipConfig(target_params=max(1, cost.parameters - want), metric=config.metric,
+        metric = layer_metric(profile, config.metric)
+        skip = LayerSkipConfig(target_params=max(1, cost.parameters - want), metric=metric,
                                protect_first=config.protect_first, protect_last=config.protect_last)
-        scores = {parse_unit(k).layer: s for k, s in unit_scores(profile, "layer", config.metric).items()}
+        scores = {parse_unit(k).layer: s for k, s in unit_scores(profile, "layer", metric).items()}
         drop = sorted(choose_layers(scores, skip, ctx))
         if saved() < want:
             cand.why_not = f"dropping every unprotected layer saves {saved():,} of the {want:,} parameters asked"

@@ -108,3 +108,16 @@ def test_mi_opt_plan_cli_rebuilds_windows_for_joint_prune(tmp_path, capsys):
                  "--option", "mode=free", "--out", str(out)]) == 0
     assert "prune MLP neurons" in capsys.readouterr().out
     assert json.loads(out.read_text())["neuron_mode"] == "free"
+
+
+def test_layers_without_the_metric_rank_by_their_one_score():
+    """Block influence measures no kl: with metric kl, layers still rank (by delta_loss)."""
+    from mi_opt.policy.joint_prune import layer_metric
+    from mi_opt.profile.importance import ImportanceProfile, UnitScore
+
+    scores = {"L0": UnitScore(1.0, 0.0, None, None), "L1": UnitScore(2.0, 0.0, None, None),
+              "L0.mlp.N0-7": UnitScore(0.1, 0.0, 0.2, 0.0)}
+    profile = ImportanceProfile(model={"n_layers": 2}, method={"scorer": "merged"}, calibration={},
+                                base_loss=None, scores=scores)
+    assert layer_metric(profile, "kl") == "delta_loss"
+    assert layer_metric(profile, "delta_loss") == "delta_loss"
