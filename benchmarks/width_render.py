@@ -17,6 +17,9 @@ from mi_opt.evaluate.paired import perplexity_change, task_change  # noqa: E402
 from mi_opt.evaluate.result import EvalResult  # noqa: E402
 
 GENERATIVE = ("miopt_arithmetic", "miopt_capitals", "miopt_name_lookup", "miopt_sequences")
+LABELS = {"depth": "depth (layers)", "heads": "heads", "neurons": "neurons (free)",
+          "neurons-uniform": "neurons (uniform, signed first-order score)", "joint": "joint"}
+ORDER = ["depth", "heads", "neurons", "neurons-uniform", "joint"]
 SHORT = {"miopt_facts_mc": "MC", "miopt_arithmetic": "arith", "miopt_capitals": "capitals",
          "miopt_name_lookup": "lookup", "miopt_sequences": "sequences"}
 
@@ -65,7 +68,10 @@ def _row(cell: dict, original: dict, speed: dict | None) -> str:
     lo, hi = cell["eval"].perplexity["interval"]
     removed = 1 - cell["decoder_params"] / original["decoder_params"]
     tasks = " | ".join(f"{cell['tasks'][t]:.3f}{_mark(ch[t])}" for t in SHORT)
-    return (f"| {cell['kind']} | {'healed' if cell['heal'] else '-'} | {removed:.1%} | "
+    label = LABELS.get(cell["kind"], cell["kind"])
+    if cell.get("same_plan_as"):
+        label += f" (chose {cell['same_plan_as'].split('-')[1]}'s plan)"
+    return (f"| {label} | {'healed' if cell['heal'] else '-'} | {removed:.1%} | "
             f"{ppl:.2f} [{lo:.1f}, {hi:.1f}]{_mark(ch['perplexity'])} | {cell['perplexity_kjv']:.2f} | {tasks} | "
         f"{_correct(cell)} | {_speed(cell, speed, 'decode_tokens_per_s')} | {_speed(cell, speed, 'prefill_ms')} |")
 
@@ -145,7 +151,9 @@ def render(out: Path, planned: dict) -> None:
              ""]
     for budget in sorted({c["budget"] for c in cells.values()}):
         lines += [f"## {budget}% of decoder parameters removed", "", header, rule]
-        lines += [_row(c, original, speed) for n, c in cells.items() if c["budget"] == budget]
+        rows = sorted((c for c in cells.values() if c["budget"] == budget),
+                      key=lambda c: (bool(c["heal"]), ORDER.index(c["kind"]) if c["kind"] in ORDER else 99))
+        lines += [_row(c, original, speed) for c in rows]
         lines.append("")
     lines += ["## Width or depth?", ""] + (_verdicts(cells, original) or ["- not measured yet"]) + [""]
     missing = [n for n in planned if n not in cells]
