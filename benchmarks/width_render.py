@@ -85,8 +85,9 @@ def _speed_note(speed: dict | None) -> list[str]:
 
 
 def _best_width(cells: dict, budget: int, heal: bool) -> tuple[str, dict] | None:
+    # a joint plan that chose pure depth is no width plan
     options = [(n, c) for n, c in cells.items() if c.get("budget") == budget and c["kind"] in ("heads", "neurons", "joint")
-               and bool(c["heal"]) == heal]
+               and bool(c["heal"]) == heal and not c.get("same_plan_as", "").startswith(f"{budget}-depth")]
     return min(options, key=lambda nc: nc[1]["perplexity"]) if options else None
 
 
