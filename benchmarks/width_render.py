@@ -110,19 +110,30 @@ def _verdicts(cells: dict, original: dict) -> list[str]:
 
 
 def _plot(cells: dict, original: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind, color in (("depth", "C3"), ("heads", "C1"), ("neurons", "C0"), ("joint", "C2")):
-        for heal, style in ((False, "--"), (True, "-")):
-            pts = sorted((c["budget"], c["perplexity"]) for c in cells.values()
-                         if c["kind"] == kind and bool(c["heal"]) == heal)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=color,
-                        label=f"{kind}{', healed' if heal else ''}")
-    ax.axhline(original["perplexity"], color="grey", lw=0.8, label="original")
-    ax.set_xlabel("% of decoder parameters removed")
-    ax.set_ylabel("perplexity (handbook+KJV evaluation windows)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
+    """Perplexity with its 95% interval per plan, unhealed and healed, one panel per budget (a
+    joint plan that chose another plan's removal is drawn once, as that plan)."""
+    budgets = sorted({c["budget"] for c in cells.values()})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(3.2 + 2.6 * len(budgets), 4), squeeze=False, sharey=True)
+    for ax, budget in zip(axes[0], budgets):
+        kinds = [k for k in ORDER if any(c["kind"] == k and c["budget"] == budget and not c.get("same_plan_as")
+                                         for c in cells.values())]
+        for j, (heal, color) in enumerate(((False, "C3"), (True, "C0"))):
+            for i, kind in enumerate(kinds):
+                cell = next((c for c in cells.values() if c["budget"] == budget and c["kind"] == kind
+                             and bool(c["heal"]) == heal), None)
+                if cell is None:
+                    continue
+                lo, hi = cell["eval"].perplexity["interval"]
+                ppl = cell["perplexity"]
+                ax.errorbar(i + (j - 0.5) * 0.25, ppl, yerr=[[ppl - lo], [hi - ppl]], fmt="o", color=color,
+                            capsize=3, label=("healed" if heal else "unhealed") if i == 0 else None)
+        ax.axhline(original["perplexity"], color="grey", lw=0.8, label="original")
+        ax.set_xticks(range(len(kinds)), [LABELS.get(k, k).split(" (")[0] + ("\n(uniform)" if "uniform" in k else "")
+                                          for k in kinds], fontsize=8)
+        ax.set_title(f"{budget}% of the decoder removed", fontsize=9)
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("perplexity, 95% interval (handbook+KJV)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
