@@ -41,3 +41,33 @@ def test_parameter_count_sees_through_packed_4bit():
     quantize_(model, {"L0": 4, "L1": 8})
     assert parameter_count(model) == before
     assert sum(p.numel() for p in model.parameters()) < before  # what export and apply used to print
+
+
+def test_perplexity_speed_and_heal_take_the_handle():
+    import copy
+
+    import pytest
+    from tiny import tiny_tokenizer
+
+    from mi_opt.errors import MiOptError
+    from mi_opt.evaluate.config import SpeedConfig
+    from mi_opt.evaluate.perplexity import perplexity
+    from mi_opt.evaluate.speed import measure_speed
+    from mi_opt.heal import HealConfig, heal_
+    from mi_opt.plan import CompressionPlan
+    from mi_opt.surgery import apply_
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    handle = LoadedModel(model, tokenizer, spec="tiny")
+    bare = perplexity(model, tokenizer, "handbook", n_samples=2, seq_len=16, progress=False)
+    assert perplexity(handle, source="handbook", n_samples=2, seq_len=16, progress=False) == bare
+    with pytest.raises(MiOptError, match="perplexity needs the tokenizer"):
+        perplexity(model, source="handbook", n_samples=2, seq_len=16, progress=False)
+    speed = measure_speed(handle, SpeedConfig(prompt_len=8, new_tokens=3, warmup=0, repetitions=1), progress=False)
+    assert speed["parameters"] == parameter_count(model)
+
+    plan = CompressionPlan(model={"n_layers": 4}, drop_layers=[1])
+    student = LoadedModel(apply_(copy.deepcopy(model), plan), tokenizer)
+    config = HealConfig(method="distill", train="all", steps=2, batch_size=2, seq_len=16, lr=1e-3)
+    record = heal_(student, handle, plan, config, progress=False)  # the tokenizer comes with the handles
+    assert record.kl_to_teacher["after"] < record.kl_to_teacher["before"]

@@ -172,7 +172,7 @@ def _ratio(base: list[float], other: list[float], higher_is_faster: bool) -> dic
     return median_spread(per_round)
 
 
-def measure_ab(models: dict[str, nn.Module], config: SpeedConfig | None = None,
+def measure_ab(models: dict[str, nn.Module | object], config: SpeedConfig | None = None,
                device: str | torch.device | None = None, progress: bool = True,
                limits: Reliability | None = None, threads: int | None = None,
                states: dict[str, Callable[[], AbstractContextManager]] | None = None) -> dict:
@@ -185,7 +185,10 @@ def measure_ab(models: dict[str, nn.Module], config: SpeedConfig | None = None,
     Returns the speed-ab artifact: per-model timing summaries, per-round ratios vs the baseline,
     the calibration kernel's times, and `warnings` in words (empty when the timings look sound).
     """
+    from mi_opt.handle import bare
+
     config = config or SpeedConfig()
+    models = {label: bare(m) for label, m in models.items()}  # bare models or handles
     labels = list(models)
     states = states or {}
     unknown = sorted(set(states) - set(labels))

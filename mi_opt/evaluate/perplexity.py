@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 
 from mi_opt.arch import get_adapter
 from mi_opt.data import token_windows
+from mi_opt.errors import MiOptError
+from mi_opt.handle import as_loaded
 from mi_opt.evaluate.stats import bits_per_byte_interval, perplexity_summary
 
 # Positions whose logits exist at once: the full (batch, seq, vocab) tensor of a 49k-vocabulary
@@ -59,10 +61,14 @@ def predicted_bytes(tokenizer, windows: torch.Tensor) -> int:
     return sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
 
 
-def perplexity(model, tokenizer, source: str = "handbook", n_samples: int = 16, seq_len: int = 256,
+def perplexity(model, tokenizer=None, source: str = "handbook", n_samples: int = 16, seq_len: int = 256,
                batch_size: int = 4, seed: int = 0, progress: bool = True) -> dict:
-    """exp(mean token NLL) and bits per byte over `n_samples` evaluation windows of `source`."""
-    adapter = get_adapter(model)
+    """exp(mean token NLL) and bits per byte over `n_samples` evaluation windows of `source`.
+    model: a bare model (give its tokenizer) or a handle (its own tokenizer serves when None)."""
+    handle = as_loaded(model)
+    model, adapter, tokenizer = handle.model, handle.adapter, tokenizer or handle.tokenizer
+    if tokenizer is None:
+        raise MiOptError("perplexity needs the tokenizer that reads its text: pass tokenizer=, or a LoadedModel")
     windows = token_windows(tokenizer, source, n_samples, seq_len, split="evaluation", seed=seed,
                             max_positions=adapter.max_positions() or None)
     nll = window_nll(model, windows, batch_size, progress)

@@ -173,7 +173,11 @@ def timing_summaries(runs: list[tuple[float, float, float]], config: SpeedConfig
 
 def measure_speed(model: nn.Module, config: SpeedConfig | None = None, folder: str | Path | None = None,
                   device: str | torch.device | None = None, progress: bool = True) -> dict:
-    """Prefill latency, time to first token, decode tokens/s, peak memory, parameters and size."""
+    """Prefill latency, time to first token, decode tokens/s, peak memory, parameters and size.
+    model: a bare model or a handle."""
+    from mi_opt.handle import bare
+
+    model = bare(model)
     config = config or SpeedConfig()
     device, ids = speed_prompt(model, config, device)
     extra = forward_kwargs(model)

@@ -22,6 +22,7 @@ from torch import nn
 from mi_opt.adapters import lora_layers
 from mi_opt.arch import get_adapter
 from mi_opt.errors import MiOptError
+from mi_opt.handle import LoadedModel, bare
 from mi_opt.heal.config import METHODS, TRAINS, HealConfig
 from mi_opt.heal.data import training_windows
 from mi_opt.heal.lora import dequantized_stand_ins_, keep_lora_, merge_lora_, put_back_, quantized_names, wrap_lora
@@ -207,15 +208,18 @@ def _train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, config
     return local_report, distill_report, changed
 
 
-def heal_(student: nn.Module, teacher: nn.Module, plan: CompressionPlan, config: HealConfig | None = None,
-          tokenizer=None, work_dir: str | Path | None = None, progress: bool = True,
+def heal_(student: nn.Module | LoadedModel, teacher: nn.Module | LoadedModel, plan: CompressionPlan,
+          config: HealConfig | None = None, tokenizer=None, work_dir: str | Path | None = None, progress: bool = True,
           callbacks: list | None = None) -> HealRecord:
-    """Heal `student` (the compressed model, changed in place) toward `teacher` (the original).
+    """Heal `student` (the compressed model, changed in place) toward `teacher` (the original); either
+    may be a bare model or a handle, whose tokenizer serves when `tokenizer` is None.
 
     plan: the plan that made the student (it says where the damage is). work_dir: where
     distillation keeps resumable checkpoints; a rerun with the same work_dir resumes.
     """
     config = config or HealConfig()
+    tokenizer = tokenizer or next((h.tokenizer for h in (student, teacher) if isinstance(h, LoadedModel)), None)
+    student, teacher = bare(student), bare(teacher)
     if tokenizer is None:
         raise MiOptError("heal_ needs the tokenizer to read its training text")
     check_compatible(student, teacher)
