@@ -243,14 +243,17 @@ def _check_backend_format(plan: CompressionPlan, format: str, gguf=None) -> None
     if format not in backend.export_formats and not (format == "gguf" and plan.backend == "bitsandbytes"):
         raise MiOptError(f"the plan quantizes with backend {plan.backend}, which export format {format} does not "
                          f"carry; export it as {' or '.join(backend.export_formats)} (or plan for another backend)")
-    if format == "gguf" and plan.backend == "gguf" and any(b == 4 for b in plan.bits.values()):
+    if format == "gguf" and plan.backend == "gguf":
         from mi_opt.formats.gguf_types import GgufOptions
+        from mi_opt.quant import QuantOptions
 
-        written = (gguf or GgufOptions()).mapping()[4]
-        if written != plan.quant_type:
-            raise MiOptError(f"the plan's 4-bit modules were measured as {plan.quant_type}, but the GGUF export would "
-                             f"write {written}: set export.gguf.types {{4: {plan.quant_type}}} (or plan with quant_type "
-                             f"{written})")
+        mapping = (gguf or GgufOptions()).mapping()
+        for width in sorted({b for b in plan.bits.values() if b < 16}):
+            measured, written = backend.ggml_type(width, QuantOptions.of(plan)), mapping[width]
+            if written != measured:
+                raise MiOptError(f"the plan's {width}-bit modules were measured as {measured}, but the GGUF export "
+                                 f"would write {written}: set export.gguf.types {{{width}: {measured}}}"
+                                 + (f" (or plan with quant_type {written})" if width == 4 else ""))
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from mi_opt.card import pruned_neurons  # noqa: E402
 from mi_opt.plan import CompressionPlan  # noqa: E402
 from mi_opt.units import key_order, layer_of  # noqa: E402
 
-BIT_COLORS = {16: "#4c956c", 8: "#f2c14e", 4: "#f78154"}
+BIT_COLORS = {16: "#4c956c", 8: "#f2c14e", 5: "#f4a261", 4: "#f78154"}
 
 
 def layer_bits(plan: CompressionPlan, n_layers: int) -> list[int]:

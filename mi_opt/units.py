@@ -39,8 +39,9 @@ SPECIAL_MODULES = ("embed", "lm_head")  # module keys that name no decoder layer
 
 # Vocabularies, defined once: bit widths of a plan (16 = leave as is), head-pruning modes
 # ("uniform": plain-transformers loadable; "free": any heads per layer), the same two modes
-# for MLP widths, and 4-bit formats.
-BIT_WIDTHS = (4, 8, 16)
+# for MLP widths, and 4-bit formats. Width 5 exists only where a backend offers it (GGUF's Q5_0 /
+# Q5_1: llama.cpp's fallback for rows that K-quants cannot split); each backend declares its own.
+BIT_WIDTHS = (4, 5, 8, 16)
 HEAD_MODES = ("uniform", "free")
 WIDTH_MODES = HEAD_MODES  # MLP neuron pruning: "uniform" (one intermediate size) or "free" (per layer)
 QUANT_TYPES = ("nf4", "fp4")

@@ -5,6 +5,7 @@ formats. The mapping, stated in every exported file's metadata and card:
 
     16 -> F16    (GgufOptions.float_type: F16, BF16 or F32)
      8 -> Q8_0   (blocks of 32: one f16 scale + 32 int8; 8.5 bits per weight)
+     5 -> Q5_0   (blocks of 32: one f16 scale + 32 5-bit values; 5.5 bits per weight)
      4 -> Q4_0   (blocks of 32: one f16 scale + 32 nibbles; 4.5 bits per weight), or Q4_1,
                  Q5_0, Q5_1 through GgufOptions.types (Q4_1 adds a per-block minimum: 5 bits)
 
@@ -25,7 +26,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
 
 FLOAT_TYPES = ("F16", "BF16", "F32")
-DEFAULT_TYPES = {16: "F16", 8: "Q8_0", 4: "Q4_0"}
+DEFAULT_TYPES = {16: "F16", 8: "Q8_0", 5: "Q5_0", 4: "Q4_0"}
 
 
 def quantizable_types() -> list[str]:

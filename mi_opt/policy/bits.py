@@ -46,12 +46,12 @@ from mi_opt.units import BIT_WIDTHS, layer_of, parse_unit
 SCORES = ("sensitivity", "importance")
 # importance mode: damage of a unit at width w = importance * 4^-(w-4), the scaling of the
 # quantization noise power with bits (each extra bit halves the step, quarters the power).
-_NOISE = {4: 1.0, 8: 4.0 ** -4, 16: 0.0}
+_NOISE = {4: 1.0, 5: 4.0 ** -1, 8: 4.0 ** -4, 16: 0.0}
 
 
 @dataclass
 class BitsConfig:
-    widths: tuple[int, ...] = BIT_WIDTHS   # candidate widths per unit (subset of 4, 8, 16)
+    widths: tuple[int, ...] = (4, 8, 16)   # candidate widths per unit (subset of BIT_WIDTHS the backend offers)
     avg_bits: float | None = None          # budget: mean bits per weight over the decoder linears, or
     max_bytes: int | None = None           # ... their total bytes (4/8-bit scales included; 16 = bf16)
     granularity: str | None = None         # "module": a width per linear; "layer": one per layer.
@@ -94,7 +94,7 @@ class BitsConfig:
         if self.score == "importance" and self.granularity != "layer":
             raise MiOptError("score='importance' uses layer ablation scores: use granularity='layer'")
         if self.lm_head_bits not in BIT_WIDTHS:
-            raise MiOptError(f"lm_head_bits must be 4, 8 or 16, got {self.lm_head_bits}")
+            raise MiOptError(f"lm_head_bits must be one of {BIT_WIDTHS}, got {self.lm_head_bits}")
         if self.batch_size < 1 or self.resolution < 10:
             raise MiOptError("batch_size must be >= 1 and resolution >= 10")
 
@@ -191,7 +191,7 @@ def _importance_damage(profile: ImportanceProfile, sens_units: list[str], config
     missing = [k for k in sens_units if layer_of(k) not in layer_scores]
     if missing:
         raise MiOptError(f"score='importance' needs layer scores; the profile lacks {missing[:3]}")
-    return {k: {w: max(layer_scores[layer_of(k)], 0.0) * _NOISE[w] for w in (4, 8)} for k in sens_units}
+    return {k: {w: max(layer_scores[layer_of(k)], 0.0) * _NOISE[w] for w in config.widths if w < 16} for k in sens_units}
 
 
 def plan_bits(profile: ImportanceProfile, config: BitsConfig, ctx: PlanContext) -> CompressionPlan:

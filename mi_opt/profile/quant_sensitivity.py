@@ -94,14 +94,14 @@ def quant_units(adapter: ArchAdapter, granularity: str) -> dict[str, list[str]]:
 def unit_sizes(model, units: dict[str, list[str]], backend: str = "bitsandbytes") -> dict[str, dict]:
     from mi_opt.quant import get_backend
 
-    quantized_bytes = get_backend(backend).quantized_bytes
+    quantizer = get_backend(backend)
     adapter = get_adapter(model)
     sizes = {}
     for key, names in units.items():
         shapes = [adapter.linear_shape(model.get_submodule(n)) for n in names]
         sizes[key] = {"params": sum(o * i for o, i, _ in shapes),
-                      "bytes": {str(w): sum(quantized_bytes(o * i, o, w, b) for o, i, b in shapes)
-                                for w in BIT_WIDTHS}}
+                      "bytes": {str(w): sum(quantizer.quantized_bytes(o * i, o, w, b) for o, i, b in shapes)
+                                for w in quantizer.widths()}}
     return sizes
 
 
@@ -119,8 +119,8 @@ def measure_quant_sensitivity(model, windows: torch.Tensor, widths: tuple[int, .
 
     quantizer = get_backend(backend)
     widths = tuple(sorted({int(w) for w in widths if int(w) < 16}))
-    if not widths or any(w not in (4, 8) for w in widths):
-        raise MiOptError(f"sensitivity widths must be 4 and/or 8 (16 is the reference), got {widths}")
+    if not widths or any(w not in BIT_WIDTHS for w in widths):
+        raise MiOptError(f"sensitivity widths must be among {BIT_WIDTHS[:-1]} (16 is the reference), got {widths}")
     quantizer.check_widths(widths, "the sensitivity measurement")
     # checked against the backend's 4-bit formats (or its default); None for a backend without 4-bit
     quant_type = quantizer.quant_type(quant_type) if 4 in quantizer.formats or quant_type is not None else None

@@ -1,4 +1,4 @@
-"""The GGUF backend: llama.cpp's block formats (Q8_0 for 8 bits; Q4_0, Q4_1, Q5_0 or Q5_1 for 4),
+"""The GGUF backend: llama.cpp's block formats (Q8_0 for 8 bits; Q5_0 for 5; Q4_0, Q4_1, Q5_0 or Q5_1 for 4),
 quantized by the `gguf` package's own quantizers and shipped as one .gguf file (export format gguf,
 mi_opt/formats/gguf.py).
 
@@ -22,7 +22,10 @@ BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 
 class GgufBackend(QuantBackend):
     name = "gguf"
-    formats = {8: ("Q8_0",), 4: ("Q4_0", "Q4_1", "Q5_0", "Q5_1")}
+    # Width 5 is Q5_0 (5.5 bits a weight), the step between Q4_0 and Q8_0 that llama.cpp's own mixes
+    # take for rows K-quants cannot split (SmolLM2's 576, Gemma 3's 640). The "4-bit" slot keeps its
+    # historical choices, so plan.quant_type Q5_0 / Q5_1 still reads as before.
+    formats = {8: ("Q8_0",), 5: ("Q5_0",), 4: ("Q4_0", "Q4_1", "Q5_0", "Q5_1")}
     devices = ("cpu", "cuda")  # where the round-tripped weights compute in memory; the file runs in llama.cpp
     export_formats = ("gguf",)
     serialization = "one .gguf file (GGML block types per tensor), written by mi_opt/formats/gguf.py"
@@ -35,7 +38,7 @@ class GgufBackend(QuantBackend):
         return version("gguf")
 
     def ggml_type(self, width: int, options: QuantOptions) -> str:
-        return self.formats[8][0] if width == 8 else self.quant_type(options.quant_type)
+        return self.quant_type(options.quant_type) if width == 4 else self.formats[width][0]
 
     def round_trip(self, weight: torch.Tensor, kind: str) -> torch.Tensor:
         """`weight` quantized to GGML type `kind` and dequantized, in its own dtype and device."""
@@ -85,5 +88,5 @@ class GgufBackend(QuantBackend):
         bias = 4 * out_features if has_bias else 0  # 1-D tensors stay F32 in GGUF
         if bits == 16:
             return 2 * numel + bias
-        kind = self.formats[bits][0]  # the default format of the width (Q8_0, Q4_0)
+        kind = self.formats[bits][0]  # the default format of the width (Q8_0, Q5_0, Q4_0)
         return -(-numel // 32) * BLOCK_BYTES[kind] + bias

@@ -75,3 +75,39 @@ def test_config_refuses_widths_and_formats_the_backend_lacks():
     assert BitsConfig(avg_bits=6).quant_type == "nf4"
     with pytest.raises(MiOptError, match="unknown quantization backend"):
         BitsConfig(avg_bits=6, backend="hqq")
+
+
+def test_gguf_offers_five_bits_measured_as_q5_0_and_other_backends_refuse_it(planned, tmp_path):
+    import gguf
+
+    from mi_opt.export import export
+    from mi_opt.formats.gguf_types import GgufOptions
+
+    model, windows, profile = planned
+    sens = measure_quant_sensitivity(model, windows, widths=(4, 5, 8), backend="gguf", progress=False)
+    blocks = -(-64 * 32 // 32)
+    assert sens.sizes["L0.mlp.down_proj"]["bytes"]["5"] == blocks * 22  # Q5_0: 22 bytes per 32 weights
+    # each extra bit halves the rounding step: less damage at 5 than at 4, more than at 8, summed over modules
+    total = {w: sum(per[str(w)]["kl"] for per in sens.scores.values()) for w in (4, 5, 8)}
+    assert total[8] < total[5] < total[4]
+    path = sens.save(tmp_path / "gguf.json")
+    plan = make_plan(profile, "bits", {"avg_bits": 5.5, "widths": (4, 5, 8), "backend": "gguf",
+                                       "sensitivity": str(path)}, model, progress=False)
+    assert 5 in set(plan.bits.values()) and plan.predicted["counts"]["5"] > 0
+    from mi_opt.formats.gguf import apply_structure_
+
+    out = export(apply_structure_(tiny_model("llama"), plan), None, plan, tmp_path / "g", format="gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    five = next(k for k, w in plan.bits.items() if w == 5)
+    layer, _, path_ = five.partition(".")
+    gguf_name = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}[path_]
+    assert types[f"blk.{layer[1:]}.{gguf_name}.weight"] == "Q5_0"
+    with pytest.raises(MiOptError, match="5-bit modules were measured as Q5_0, but the GGUF export would write Q5_1"):
+        export(apply_structure_(tiny_model("llama"), plan), None, plan, tmp_path / "h", format="gguf",
+               gguf=GgufOptions(types={5: "Q5_1"}))
+    assert not (tmp_path / "h").exists()
+    for backend in ("bitsandbytes", "torchao"):
+        with pytest.raises(MiOptError, match=f"asks for 5-bit weights, which quantization backend {backend}"):
+            BitsConfig(avg_bits=6, widths=(5, 8, 16), backend=backend)
