@@ -17,6 +17,18 @@ from mi_opt.errors import MiOptError
 from mi_opt.units import parse_module_key
 
 
+def load_remaining_(model: nn.Module, state: dict[str, torch.Tensor], metadata: dict, path) -> None:
+    """Load the weights left once the quantized modules took theirs; one MiOptError when they do not
+    fit (a key is missing that neither a quantized module nor a tied weight explains, or one is left over)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quantized = tuple(n + "." for n in metadata["modules"])
+    tied = set(metadata.get("tied_not_saved", []))
+    missing = [k for k in missing if not k.startswith(quantized) and k not in tied]
+    if missing or unexpected:
+        raise MiOptError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(was the model rebuilt with the same surgery?)")
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """The plan fields a backend reads besides the widths."""

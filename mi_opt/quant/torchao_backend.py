@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mi_opt.errors import MiOptError
-from mi_opt.quant.base import QuantBackend, QuantOptions
+from mi_opt.quant.base import QuantBackend, QuantOptions, load_remaining_
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -210,10 +210,4 @@ class TorchAoBackend(QuantBackend):
             if f"{name}.bias" in state:
                 shell.bias = nn.Parameter(state.pop(f"{name}.bias").to(device), requires_grad=False)
             model.set_submodule(name, shell)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        done = tuple(n + "." for n in metadata["modules"])
-        tied = set(metadata.get("tied_not_saved", []))
-        missing = [k for k in missing if not k.startswith(done) and k not in tied]
-        if missing or unexpected:
-            raise MiOptError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
-                             "(was the model rebuilt with the same surgery?)")
+        load_remaining_(model, state, metadata, path)
