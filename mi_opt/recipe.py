@@ -72,7 +72,7 @@ class ExportSection:
     enabled: bool = True            # write a verified checkpoint into the run folder
     format: str = "safetensors"     # or "gguf": one .gguf for llama.cpp; the compressed model is then
                                     # evaluated with the GGUF-quantized weights (mi_opt.formats.gguf.apply_gguf_)
-    gguf: dict = field(default_factory=dict)  # GgufOptions fields (float_type, types, vocab_from) for format gguf
+    gguf: dict = field(default_factory=dict)  # GgufOptions fields (float_type, types, vocab_from, quantizer) for format gguf
 
     def __post_init__(self):
         if self.format not in EXPORT_FORMATS:

@@ -258,7 +258,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         if gguf:
             from mi_opt.formats.gguf import apply_gguf_
 
-            apply_gguf_(model, plan, recipe.export.gguf_options())
+            apply_gguf_(model, plan, recipe.export.gguf_options(), tokenizer)
             loaded.changed()
         else:
             apply_(loaded, plan)

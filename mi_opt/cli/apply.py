@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="safetensors: a transformers/mi-opt checkpoint; gguf: one .gguf for llama.cpp")
     p.add_argument("--gguf-4bit", default="Q4_0", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1"],
                    help="GGML type of the plan's 4-bit modules (--format gguf)")
+    p.add_argument("--gguf-quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="with --format gguf: round-to-nearest (llama.cpp's own) or GPTQ for the Q4_0/Q5_0 blocks")
     p.add_argument("--gguf-float", default="F16", choices=["F16", "BF16", "F32"],
                    help="GGML type of the plan's 16-bit weights (--format gguf)")
     p.add_argument("--gguf-vocab", metavar="FILE.gguf",
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         from mi_opt.formats.gguf_families import check_plan_mlp_sizes
         from mi_opt.formats.gguf_types import GgufOptions
 
-        gguf = GgufOptions(float_type=args.gguf_float, types={4: args.gguf_4bit}, vocab_from=args.gguf_vocab)
+        gguf = GgufOptions(float_type=args.gguf_float, types={4: args.gguf_4bit}, vocab_from=args.gguf_vocab,
+                           quantizer=args.gguf_quantizer)
         check_plan_mlp_sizes(model, plan)  # per-layer MLP sizes: refused before the surgery
         apply_structure_(model, plan)  # the GGUF writer quantizes from the unquantized weights
     else:

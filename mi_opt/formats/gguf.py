@@ -140,7 +140,24 @@ def _round_trip(p: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
     return packed, torch.from_numpy(np.ascontiguousarray(back)).to(p.device, p.dtype)
 
 
-def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | None = None) -> dict[str, str]:
+def gptq_for_gguf_(model: nn.Module, types: dict[str, str], options: GgufOptions, tokenizer,
+                   progress: bool = True) -> dict[str, str]:
+    """With options.quantizer "gptq": the Q4_0 / Q5_0 weights replaced in place by their GPTQ
+    quantization, on the grid the writer reproduces exactly; parameter name -> "gptq" for those."""
+    if options.quantizer != "gptq":
+        return {}
+    if tokenizer is None:
+        raise MiOptError("gguf quantizer gptq needs the tokenizer, to read its calibration windows")
+    from mi_opt.data import token_windows
+    from mi_opt.quant.gptq import gptq_
+
+    context = get_adapter(model).max_positions() or 256
+    windows = token_windows(tokenizer, "handbook", options.calibration_windows, min(256, context), split="calibration")
+    return gptq_(model, types, windows, progress=progress)
+
+
+def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | None = None,
+                tokenizer=None) -> dict[str, str]:
     """apply_structure_, then every weight replaced in place by what the GGUF file will hold, dequantized,
     so that evaluating the model measures what ships; returns parameter name -> GGML type.
 
@@ -153,6 +170,7 @@ def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | 
     apply_structure_(model, plan)
     gguf_family(model).check(model)
     types = tensor_types(model, plan, options)
+    gptq_for_gguf_(model, types, options, tokenizer)
     with torch.no_grad():
         for name, p in tqdm(list(model.named_parameters()), desc="GGUF-quantizing", leave=False):
             if types[name] != "F32" or p.dtype != torch.float32:
@@ -234,6 +252,11 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
     mapping = options.mapping()
     types = tensor_types(model, plan, options)
     vocab = _vocab_fields(tokenizer, plan, options, get_adapter(model).embedding().weight.shape[0])
+    if options.quantizer == "gptq":  # on a copy: the caller's model stays as given (GPTQ of GPTQ's output is itself)
+        import copy
+
+        model = copy.deepcopy(model)
+        gptq_for_gguf_(model, types, options, tokenizer)
     with staging(out) as tmp:
         tensors, dequantized = _quantized_tensors(model, types, family)
         _write(tmp / options.file_name, model, family, tensors, vocab, types, mapping, plan)
@@ -244,6 +267,7 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
         sidecar = {"schema": SCHEMA, "version": VERSION, **describe(model), "format": "gguf",
                    "gguf": {"file": options.file_name, "bytes": (tmp / options.file_name).stat().st_size,
                             "bits_to_ggml": {str(k): v for k, v in sorted(mapping.items())},
+                            "quantizer": options.quantizer,
                             "tensor_types": types, "type_counts": counts,
                             "tokenizer": "copied" if vocab else "none", "architecture": family.arch.lower()},
                    "quantization": None, "loader": "llama.cpp", "loader_reason": None,

@@ -26,6 +26,7 @@ from mi_opt.errors import MiOptError
 from mi_opt.plan import CompressionPlan
 
 FLOAT_TYPES = ("F16", "BF16", "F32")
+QUANTIZERS = ("rtn", "gptq")
 DEFAULT_TYPES = {16: "F16", 8: "Q8_0", 5: "Q5_0", 4: "Q4_0"}
 
 
@@ -57,8 +58,17 @@ class GgufOptions:
     types: dict[int, str] = field(default_factory=dict)  # e.g. {4: "Q4_1"}
     file_name: str = "model.gguf"                 # the file inside the export folder
     vocab_from: str | None = None                 # a GGUF file to copy tokenizer.* metadata from (default: the source)
+    # "rtn": every block rounded to nearest (llama.cpp's own conversion); "gptq": Q4_0 / Q5_0 blocks
+    # by GPTQ, error-compensated on calibration windows (mi_opt/quant/gptq.py), the rest to nearest.
+    quantizer: str = "rtn"
+    calibration_windows: int = 32                 # handbook calibration windows of 256 tokens for GPTQ's Hessians
 
     def __post_init__(self):
+        self.quantizer = str(self.quantizer).lower()
+        if self.quantizer not in QUANTIZERS:
+            raise MiOptError(f"gguf quantizer {self.quantizer!r}: use one of {', '.join(QUANTIZERS)}")
+        if int(self.calibration_windows) < 1:
+            raise MiOptError(f"gguf calibration_windows must be >= 1, got {self.calibration_windows}")
         self.float_type = self.float_type.upper()
         if self.float_type not in FLOAT_TYPES:
             raise MiOptError(f"gguf float_type {self.float_type!r}: use one of {', '.join(FLOAT_TYPES)}")

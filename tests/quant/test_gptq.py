@@ -1,0 +1,108 @@
+"""GPTQ for GGUF's Q4_0 / Q5_0: the column updates equal the Optimal Brain Surgeon reference, the
+outputs move less than round-to-nearest's, and what it writes is a fixed point of the writer."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from mi_opt.errors import MiOptError
+from mi_opt.quant.gptq import DAMP, _round, _scales, gptq_quantize
+
+
+def _problem(rows=6, cols=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen, dtype=torch.float64)
+    x = torch.randn(400, cols, generator=gen, dtype=torch.float64) @ mix  # correlated inputs: where GPTQ matters
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64), x, x.T @ x
+
+
+def _reference(w, h, kind):
+    """Optimal Brain Surgeon, one column at a time, the inverse Hessian of the columns still free
+    recomputed from scratch at every step (no Cholesky, no lazy batches)."""
+    bits = {"Q4_0": 4, "Q5_0": 5}[kind]
+    w = w.clone()
+    h = h + DAMP * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
+    out = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        if j % 32 == 0:
+            d, pin = _scales(w[:, j:j + 32].float(), bits)
+            d, pin = d.double(), pin + j
+        out[:, j] = _round(w[:, j], d, bits, pin == j)
+        inv = torch.linalg.inv(h[j:, j:])  # the free columns' inverse Hessian
+        w[:, j:] -= ((w[:, j] - out[:, j]) / inv[0, 0])[:, None] * inv[0][None, :]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0"])
+def test_the_columns_follow_the_obs_reference(kind):
+    w, _, h = _problem(cols=160)  # more than one lazy batch of 128 columns
+    got, want = gptq_quantize(w, h, kind).double(), _reference(w, h, kind)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0"])
+def test_outputs_move_less_than_round_to_nearest(kind):
+    w, x, h = _problem(rows=16, cols=128, seed=1)
+    qtype = gguf.GGMLQuantizationType[kind]
+    rtn = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.float().numpy(), qtype), qtype)).double()
+    err = lambda q: float(((x @ (w - q).T) ** 2).sum())  # noqa: E731
+    assert err(gptq_quantize(w, h, kind).double()) < 0.7 * err(rtn)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0"])
+def test_the_writer_quantizing_it_again_gives_it_back_bit_for_bit(kind):
+    w, _, h = _problem(rows=32, cols=96, seed=2)
+    q = gptq_quantize(w, h, kind).numpy()
+    qtype = gguf.GGMLQuantizationType[kind]
+    assert np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(q, qtype), qtype).reshape(q.shape), q)
+
+
+def test_bad_inputs_are_clear_errors():
+    w, _, h = _problem()
+    with pytest.raises(MiOptError, match="Q8_0 is quantized round-to-nearest"):
+        gptq_quantize(w, h, "Q8_0")
+    with pytest.raises(MiOptError, match="rows of a multiple of 32"):
+        gptq_quantize(w[:, :40], h[:40, :40], "Q4_0")
+    from mi_opt.formats.gguf_types import GgufOptions
+
+    with pytest.raises(MiOptError, match="gguf quantizer 'awq': use one of rtn, gptq"):
+        GgufOptions(quantizer="awq")
+
+
+def test_a_gptq_gguf_export_ships_what_apply_gguf_evaluates(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mi_opt.export import SIDECAR, export
+    from mi_opt.formats.gguf import apply_gguf_, apply_structure_
+    from mi_opt.formats.gguf_types import GgufOptions
+    from mi_opt.plan import CompressionPlan
+
+    tokenizer = tiny_tokenizer()
+    plan = CompressionPlan(model={"spec": "tiny", "n_layers": 4}, backend="gguf", quant_type="Q4_0",
+                           bits={**{f"L{i}": 4 for i in range(4)}, **{f"L{i}.self_attn.v_proj": 5 for i in range(4)}})
+    from gguf_vocab import save_vocab_gguf
+
+    options = GgufOptions(quantizer="gptq", calibration_windows=4,
+                          vocab_from=save_vocab_gguf(tmp_path / "vocab.gguf", tokenizer))
+    model = apply_structure_(tiny_model("llama"), plan)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = export(model, tokenizer, plan, tmp_path / "g", format="gguf", gguf=options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is left alone
+    sidecar = json.loads((out / SIDECAR).read_text())
+    assert sidecar["gguf"]["quantizer"] == "gptq" and sidecar["verified_max_logit_diff"] <= 1e-4
+    assert "GPTQ" in (out / "README.md").read_text()
+    shipped = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).state_dict()
+    evaluated = tiny_model("llama")
+    apply_gguf_(evaluated, plan, options, tokenizer)
+    for name, p in evaluated.named_parameters():
+        torch.testing.assert_close(shipped[name], p.detach(), atol=1e-6, rtol=0)
+    rtn = tiny_model("llama")
+    apply_gguf_(rtn, plan, GgufOptions())
+    assert not torch.equal(rtn.model.layers[0].mlp.up_proj.weight, evaluated.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(MiOptError, match="gptq needs the tokenizer"):
+        apply_gguf_(tiny_model("llama"), plan, options)
