@@ -93,16 +93,23 @@ def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, 
     """name -> X^T X of the inputs the named linears see on `windows` (the unquantized model)."""
     modules = {name: model.get_submodule(name) for name in names}
     sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in modules.items()}
+    # q/k/v (and gate/up) read the same tensor: its X^T X is computed once per batch. The products
+    # run in float32 (each batch's sum is short), the running sums in float64.
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def accumulate(name: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu", torch.float64)
-            sums[name] += x.T @ x
+            x = args[0]
+            if id(x) not in seen or seen[id(x)][0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                seen[id(x)] = (x, (flat.T @ flat).to("cpu", torch.float64))
+            sums[name] += seen[id(x)][1]
         return hook
 
     device = next(model.parameters()).device
     with attached([Hook(m, accumulate(n)) for n, m in modules.items()]), torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="GPTQ Hessians", unit="batch", disable=not progress):
+            seen.clear()
             model(input_ids=windows[start:start + batch_size].to(device))
     return sums
 

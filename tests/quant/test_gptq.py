@@ -106,3 +106,22 @@ def test_a_gptq_gguf_export_ships_what_apply_gguf_evaluates(tmp_path):
     assert not torch.equal(rtn.model.layers[0].mlp.up_proj.weight, evaluated.model.layers[0].mlp.up_proj.weight)
     with pytest.raises(MiOptError, match="gptq needs the tokenizer"):
         apply_gguf_(tiny_model("llama"), plan, options)
+
+
+def test_hessians_are_the_inputs_gram_matrices_shared_inputs_included():
+    from mi_opt.hooks import Hook, attached
+    from mi_opt.quant.gptq import collect_hessians
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    names = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    got = collect_hessians(model, names, windows, batch_size=2, progress=False)
+    inputs = {n: [] for n in names}
+    hooks = [Hook(model.get_submodule(n), lambda m, a, o, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n in names]
+    with attached(hooks), torch.inference_mode():
+        model(input_ids=windows)
+    for name in names:
+        x = torch.cat(inputs[name]).double()
+        torch.testing.assert_close(got[name], x.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[names[0]], got[names[1]])  # q and k read the same normed input
