@@ -252,11 +252,12 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
     mapping = options.mapping()
     types = tensor_types(model, plan, options)
     vocab = _vocab_fields(tokenizer, plan, options, get_adapter(model).embedding().weight.shape[0])
+    chosen = {}
     if options.quantizer == "gptq":  # on a copy: the caller's model stays as given (GPTQ of GPTQ's output is itself)
         import copy
 
         model = copy.deepcopy(model)
-        gptq_for_gguf_(model, types, options, tokenizer)
+        chosen = gptq_for_gguf_(model, types, options, tokenizer)
     with staging(out) as tmp:
         tensors, dequantized = _quantized_tensors(model, types, family)
         _write(tmp / options.file_name, model, family, tensors, vocab, types, mapping, plan)
@@ -268,6 +269,7 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
                    "gguf": {"file": options.file_name, "bytes": (tmp / options.file_name).stat().st_size,
                             "bits_to_ggml": {str(k): v for k, v in sorted(mapping.items())},
                             "quantizer": options.quantizer,
+                            "gptq_kept": sorted(n for n, how in chosen.items() if how == "gptq") if chosen else None,
                             "tensor_types": types, "type_counts": counts,
                             "tokenizer": "copied" if vocab else "none", "architecture": family.arch.lower()},
                    "quantization": None, "loader": "llama.cpp", "loader_reason": None,

@@ -16,8 +16,9 @@ def gguf_card(plan: CompressionPlan, sidecar: dict, eval_results: dict | None, h
     lines = [head.rstrip(), "", "## GGUF tensor types", "",
              f"`{f}` ({g['bytes'] / 1e6:.1f} MB, architecture `{g['architecture']}`) quantized by the `gguf` "
              "package's quantizers from the unquantized weights"
-             + (", its Q4_0 / Q5_0 blocks chosen by GPTQ (rounding errors compensated on calibration text)"
-                if g.get("quantizer") == "gptq" else "") + f". Plan widths map to GGML types as: {widths}; "
+             + (f", its Q4_0 / Q5_0 blocks chosen by GPTQ (rounding errors compensated on calibration text) in "
+                f"{len(g.get('gptq_kept') or [])} linears, rounded to nearest in the others (where GPTQ did not beat "
+                "it on held-out windows)" if g.get("quantizer") == "gptq" else "") + f". Plan widths map to GGML types as: {widths}; "
              "1-D tensors (norms) stay F32. The per-tensor types are in `mi-opt-compression.json` "
              f"(`gguf.tensor_types`). Tensors: {counts}.", "",
              f"Verified at export: transformers reads the file with logits within "

@@ -95,7 +95,7 @@ def test_a_gptq_gguf_export_ships_what_apply_gguf_evaluates(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is left alone
     sidecar = json.loads((out / SIDECAR).read_text())
     assert sidecar["gguf"]["quantizer"] == "gptq" and sidecar["verified_max_logit_diff"] <= 1e-4
-    assert "GPTQ" in (out / "README.md").read_text()
+    assert "GPTQ" in (out / "README.md").read_text() and isinstance(sidecar["gguf"]["gptq_kept"], list)
     shipped = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).state_dict()
     evaluated = tiny_model("llama")
     apply_gguf_(evaluated, plan, options, tokenizer)
@@ -125,3 +125,25 @@ def test_hessians_are_the_inputs_gram_matrices_shared_inputs_included():
         x = torch.cat(inputs[name]).double()
         torch.testing.assert_close(got[name], x.T @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[names[0]], got[names[1]])  # q and k read the same normed input
+
+
+def test_each_linear_keeps_gptq_only_where_it_beats_round_to_nearest_on_held_out_windows():
+    from mi_opt.quant.gptq import _rtn, gptq_
+
+    model = tiny_model("llama")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    types = {f"model.layers.{i}.{m}.weight": "Q4_0" for i in range(4)
+             for m in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")}
+    windows = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    chosen = gptq_(model, types, windows, progress=False)
+    assert set(chosen) == set(types) and set(chosen.values()) <= {"gptq", "rtn"}
+    for name, how in chosen.items():
+        weight = dict(model.named_parameters())[name].detach()
+        if how == "rtn":
+            assert torch.equal(weight, _rtn(original[name], "Q4_0"))
+        else:
+            assert not torch.equal(weight, _rtn(original[name], "Q4_0"))
+    untouched = [n for n in original if n not in types]
+    assert all(torch.equal(original[n], dict(model.named_parameters())[n]) for n in untouched)
+    with pytest.raises(MiOptError, match="at least 2 calibration windows"):
+        gptq_(model, types, windows[:1], progress=False)
