@@ -143,7 +143,8 @@ def _round_trip(p: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
 def gptq_for_gguf_(model: nn.Module, types: dict[str, str], options: GgufOptions, tokenizer,
                    progress: bool = True) -> dict[str, str]:
     """With options.quantizer "gptq": the Q4_0 / Q5_0 weights replaced in place by their GPTQ
-    quantization, on the grid the writer reproduces exactly; parameter name -> "gptq" for those."""
+    quantization (or round-to-nearest, where GPTQ lost on held-out windows), on the grid the writer
+    reproduces exactly; parameter name -> "gptq" or "rtn" for those weights."""
     if options.quantizer != "gptq":
         return {}
     if tokenizer is None:
