@@ -117,11 +117,10 @@ def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, 
 
 
 def _rtn(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    import gguf
+    """Round-to-nearest, as the GGUF writer quantizes (the gguf backend's round trip)."""
+    from mi_opt.quant import get_backend
 
-    qtype = gguf.GGMLQuantizationType[kind]
-    data = weight.detach().to("cpu", torch.float32).numpy()
-    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype).reshape(data.shape))
+    return get_backend("gguf").round_trip(weight, kind)
 
 
 def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
