@@ -247,13 +247,13 @@ def _check_backend_format(plan: CompressionPlan, format: str, gguf=None) -> None
         from mi_opt.formats.gguf_types import GgufOptions
         from mi_opt.quant import QuantOptions
 
-        mapping = (gguf or GgufOptions()).mapping()
-        for width in sorted({b for b in plan.bits.values() if b < 16}):
-            measured, written = backend.ggml_type(width, QuantOptions.of(plan)), mapping[width]
-            if written != measured:
-                raise MiOptError(f"the plan's {width}-bit modules were measured as {measured}, but the GGUF export "
-                                 f"would write {written}: set export.gguf.types {{{width}: {measured}}}"
-                                 + (f" (or plan with quant_type {written})" if width == 4 else ""))
+        bad = backend.written_mismatch((gguf or GgufOptions()).mapping(), {b for b in plan.bits.values() if b < 16},
+                                       QuantOptions.of(plan))
+        if bad:
+            width, measured, written = bad
+            raise MiOptError(f"the plan's {width}-bit modules were measured as {measured}, but the GGUF export "
+                             f"would write {written}: set export.gguf.types {{{width}: {measured}}}"
+                             + (f" (or plan with quant_type {written})" if width == 4 else ""))
 
 
 @contextmanager

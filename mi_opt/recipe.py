@@ -145,14 +145,14 @@ class Recipe:
         if name == "gguf" and self.export.format == "gguf":
             from mi_opt.quant import QuantOptions
 
-            mapping = self.export.gguf_options().mapping()
-            for width in sorted(set(backend.formats) - {8}):  # Q8_0 is the only 8-bit type
-                measured = backend.ggml_type(width, QuantOptions(bits.get("quant_type") or backend.formats[4][0]))
-                if measured != mapping[width]:
-                    what = "policy quant_type" if width == 4 else f"the {width}-bit type"
-                    raise MiOptError(f"{what} {measured} (what the planner measures {width}-bit damage with) but "
-                                     f"export.gguf.types writes {width}-bit as {mapping[width]}: give both the same "
-                                     "GGML type")
+            bad = backend.written_mismatch(self.export.gguf_options().mapping(),
+                                           set(backend.formats) - {8},  # Q8_0 is the only 8-bit type
+                                           QuantOptions(bits.get("quant_type") or backend.formats[4][0]))
+            if bad:
+                width, measured, written = bad
+                what = "policy quant_type" if width == 4 else f"the {width}-bit type"
+                raise MiOptError(f"{what} {measured} (what the planner measures {width}-bit damage with) but "
+                                 f"export.gguf.types writes {width}-bit as {written}: give both the same GGML type")
         if self.heal and name != "bitsandbytes":
             raise MiOptError(f"heal with quantization backend {name} is not supported yet: healing re-quantizes "
                              "bitsandbytes modules only; drop heal or plan for bitsandbytes")

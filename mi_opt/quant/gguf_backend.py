@@ -40,6 +40,15 @@ class GgufBackend(QuantBackend):
     def ggml_type(self, width: int, options: QuantOptions) -> str:
         return self.quant_type(options.quant_type) if width == 4 else self.formats[width][0]
 
+    def written_mismatch(self, mapping: dict[int, str], widths, options: QuantOptions) -> tuple[int, str, str] | None:
+        """(width, type measured, type written) for the first of `widths` whose GGML type in an export's
+        mapping (GgufOptions.mapping) is not the one its damage is measured with; None when all agree."""
+        for width in sorted(widths):
+            measured = self.ggml_type(width, options)
+            if mapping[width] != measured:
+                return width, measured, mapping[width]
+        return None
+
     def round_trip(self, weight: torch.Tensor, kind: str) -> torch.Tensor:
         """`weight` quantized to GGML type `kind` and dequantized, in its own dtype and device."""
         import gguf
