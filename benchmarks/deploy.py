@@ -173,8 +173,8 @@ def build_file(name: str, row: FileRow, work: Path, original, tokenizer, data: d
     target = work / (name.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "-") + ".gguf")
     if row.maker == "bundle":
         return source_gguf(SPEC)
-    if target.exists():
-        return target
+    # Always made anew: a row is built only when reports/deploy.json lacks it, and a file left by an
+    # earlier run may come from other code (a GPTQ file from before a fix was once measured again).
     if row.maker == "llama.cpp":
         llama_quantize(Path(data["files"]["F16 (mi-opt export)"]["path"]), target, row.ftype)
         return target
