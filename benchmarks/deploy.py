@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from mi_opt.artifacts import machine, versions, write_json
-from mi_opt.evaluate.ab_speed import calibration_kernel, interleaved, reliability_warnings
+from mi_opt.evaluate.ab_speed import reliability_warnings, timed_rounds
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.evaluate.speed import forward_kwargs, median_spread, timed_generation
 from mi_opt.export import export
@@ -243,9 +243,8 @@ def speed_pass(data: dict, original, tokenizer, threads: int, rounds: int) -> di
     runners = {name: llama_runner(Path(data["files"][name]["path"]), threads, ids) for name in FILES}
     for name in TRANSFORMERS:
         runners[name] = transformers_runner(transformers_model(name, original), ids)
-    before = calibration_kernel()
-    runs, order = interleaved(runners, rounds, warmup=1, progress=True)
-    after = calibration_kernel()
+    timed = timed_rounds(runners, rounds, warmup=1, progress=True)
+    runs, order, before, after = timed.runs, timed.order, timed.kernel_before, timed.kernel_after
     load = (os.getloadavg()[0], os.cpu_count() or 1)
     rows = {}
     for name, timings in runs.items():

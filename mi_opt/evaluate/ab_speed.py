@@ -5,8 +5,10 @@ Each round times every model once, the order rotated from round to round (no mod
 first, or always right after another's caches); after untimed warm-up runs of each. A speedup is
 the median of per-round ratios (base / model in the same round), with its interquartile range.
 A fixed calibration kernel (reps of a few tens of ms, sized once for this machine) runs before
-and after the rounds: if its median slows down beyond its own noise, it varies, or the load
-average says other work competes for the CPUs, the result says so in words.
+and after the rounds: if its median moves beyond its own noise, it varies, or the load average
+says other work competes for the CPUs, the result says so in words. Its "before" is taken after
+the models' warm-up runs, right before the first round, so before and after see the process in
+the same state (taken before the warm-up, it read 16-27% slower than after on an idle machine).
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ class Reliability:
     load_margin: float = 0.5        # load average above (CPUs + margin): other work is running
 
 
+def warm_up(runners: dict[str, Callable[[], object]], times: int) -> None:
+    """Call every runner `times` times, untimed (first-call costs: allocator, caches, lazy init)."""
+    for runner in runners.values():
+        for _ in range(times):
+            runner()
+
+
 def interleaved(runners: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                 progress: bool = False) -> tuple[dict[str, list], list[list[str]]]:
     """({label: [result of each timed call]}, order of the labels in each round).
@@ -51,9 +60,7 @@ def interleaved(runners: dict[str, Callable[[], object]], rounds: int, warmup: i
     labels = list(runners)
     if not labels or rounds < 1:
         raise MiOptError(f"an A/B timing needs at least one model and one round (got {len(labels)}, {rounds})")
-    for label in labels:
-        for _ in range(warmup):
-            runners[label]()
+    warm_up(runners, warmup)
     out, order = {label: [] for label in labels}, []
     for r in tqdm(range(rounds), desc="speed A/B", unit="round", disable=not progress):
         turn = labels[r % len(labels):] + labels[:r % len(labels)]
@@ -71,6 +78,7 @@ KERNEL_SIZE = 256
 KERNEL_TARGET_S = 0.03
 KERNEL_REPS = 15
 KERNEL_MAX_STEPS = 2000
+KERNEL_WARMUP_S = 0.5   # untimed reps first, for at least this long: caches, allocator, clock ramp-up
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,16 @@ class CalibrationKernel:
     def matrix(self) -> torch.Tensor:
         return torch.randn(self.size, self.size, generator=torch.Generator().manual_seed(0)).to(self.device)
 
-    def times(self, reps: int = KERNEL_REPS, warmup: int = 2) -> list[float]:
-        """Seconds per rep; the first `warmup` reps (caches, CPU frequency ramping up) are dropped."""
+    def times(self, reps: int = KERNEL_REPS, warmup: int = 2, warmup_s: float = 0.0) -> list[float]:
+        """Seconds per rep, after untimed reps (caches, CPU frequency ramping up): at least
+        `warmup` of them, and more until `warmup_s` seconds have passed."""
         a = self.matrix()
         with torch.inference_mode():
-            times = [self.rep(a) for _ in range(warmup + reps)]
-        return times[warmup:]
+            started, done = time.perf_counter(), 0
+            while done < warmup or time.perf_counter() - started < warmup_s:
+                self.rep(a)
+                done += 1
+            return [self.rep(a) for _ in range(reps)]
 
     @classmethod
     def sized(cls, target_s: float = KERNEL_TARGET_S, device: torch.device | str = "cpu") -> "CalibrationKernel":
@@ -119,10 +131,32 @@ def steps_for(target_s: float, per_step_s: float, max_steps: int = KERNEL_MAX_ST
     return max(1, min(max_steps, round(target_s / per_step_s)))
 
 
-def calibration_kernel(reps: int = KERNEL_REPS, size: int = KERNEL_SIZE, device: torch.device | str = "cpu",
-                       steps: int = 20) -> list[float]:
-    """Seconds per rep of a fixed calibration kernel (CalibrationKernel)."""
-    return CalibrationKernel(steps=steps, size=size, device=str(torch.device(device))).times(reps)
+@dataclass
+class TimedRounds:
+    """What one A/B pass recorded: each runner's results per round, the order of each round,
+    and the calibration kernel's seconds per rep before and after the rounds."""
+
+    runs: dict[str, list]
+    order: list[list[str]]
+    kernel_before: list[float]
+    kernel_after: list[float]
+    kernel: CalibrationKernel
+
+
+def timed_rounds(runners: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, progress: bool = False,
+                 device: torch.device | str = "cpu", kernel: CalibrationKernel | None = None) -> TimedRounds:
+    """Warm-up runs of every runner, the calibration kernel, the interleaved rounds, the kernel again.
+
+    The kernel is sized (unless given) and first timed after the warm-up runs, at the current
+    thread count: before and after then see the process in the same state, and a difference
+    between them is the machine's load changing, not the first calls' costs.
+    """
+    warm_up(runners, warmup)
+    kernel = kernel or CalibrationKernel.sized(device=device)
+    before = kernel.times(warmup_s=KERNEL_WARMUP_S)
+    runs, order = interleaved(runners, rounds, warmup=0, progress=progress)
+    after = kernel.times(warmup_s=KERNEL_WARMUP_S)
+    return TimedRounds(runs, order, before, after, kernel)
 
 
 def _spread(values: list[float]) -> float:
@@ -209,14 +243,13 @@ def measure_ab(models: dict[str, nn.Module | object], config: SpeedConfig | None
     from mi_opt.evaluate import torch_threads  # the same thread setting as evaluate(), restored after
 
     with torch.inference_mode(), torch_threads(threads):
-        kernel = CalibrationKernel.sized(device=kernel_device)  # sized at the thread count the models run with
-        before = kernel.times()
-        runs, order = interleaved({label: runner(label) for label in labels}, config.repetitions, config.warmup,
-                                  progress)
-        after = kernel.times()
+        timed = timed_rounds({label: runner(label) for label in labels}, config.repetitions, config.warmup,
+                             progress, device=kernel_device)
         load = (os.getloadavg()[0], os.cpu_count() or 1) if hasattr(os, "getloadavg") else None
-        ab = ab_result(labels, runs, order, config, before, after, load, limits, str(kernel_device))
-        ab["calibration_kernel"] = {"size": kernel.size, "steps": kernel.steps, "reps": len(before)}
+        ab = ab_result(labels, timed.runs, timed.order, config, timed.kernel_before, timed.kernel_after, load,
+                       limits, str(kernel_device))
+        ab["calibration_kernel"] = {"size": timed.kernel.size, "steps": timed.kernel.steps,
+                                    "reps": len(timed.kernel_before), "timed": "after the warm-up runs"}
         return ab
 
 
