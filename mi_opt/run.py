@@ -29,6 +29,7 @@ STAGE_OUTPUTS = {"profile": ("profile.json", "heads.png", "layers.png"), "plan":
                  "eval_healed": ("eval_healed.json", "eval_healed.lm_eval.json"), "speed_ab": ("speed_ab.json",),
                  "export": ("checkpoint",)}
 HEAL_WORK = "heal-work-"  # + the heal stage's key: distillation checkpoints while a heal runs
+TASK_WORK = ".tasks-work-"  # stage + this + the stage's key: finished tasks while an evaluation runs
 
 
 def content_hash(*parts) -> str:
@@ -226,9 +227,11 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         reused.append("eval_original")
     else:
         _log("evaluating the original model")
+        work = cache / f"{base_key}.tasks-work"  # the cache is shared: other keys' work is left alone
         base_eval = evaluate(loaded, tokenizer, recipe.evaluate, spec=spec, progress=progress,
-                             trust_task_code=trust_task_code)
+                             trust_task_code=trust_task_code, resume_dir=work)
         base_eval.save(base_path)
+        shutil.rmtree(work, ignore_errors=True)
         ran.append("eval_original")
     base_eval.save(folder.root / "eval_original.json")  # with lm-eval's own results beside it
     folder.mark("eval_original", base_key, ["eval_original.json"])
@@ -271,10 +274,12 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
             return EvalResult.load(path)
         folder.forget(stage)
         _log(f"evaluating the {label} model")
+        work = _task_work(folder.root, stage, key)
         result = evaluate(loaded, tokenizer, recipe.evaluate, spec=f"{spec} [{tag}]",
-                          progress=progress, trust_task_code=trust_task_code)
+                          progress=progress, trust_task_code=trust_task_code, resume_dir=work)
         result.save(path)
         folder.mark(stage, key, [path.name])
+        shutil.rmtree(work, ignore_errors=True)
         ran.append(stage)
         return result
 
@@ -382,6 +387,16 @@ def _record_disk_sizes(spec: str, original, exported, checkpoint: Path) -> None:
             original.speed["disk_bytes"] = disk_bytes(path)
     if exported.speed is not None and checkpoint.is_dir():
         exported.speed["disk_bytes"] = disk_bytes(checkpoint)
+
+
+def _task_work(root: Path, stage: str, key: str) -> Path:
+    """Where an evaluation keeps its finished tasks until it ends: a killed run resumes at the task
+    it stopped in. Another key's folder for this stage (another model or settings) goes now."""
+    work = root / f"{stage}{TASK_WORK}{key}"
+    for stale in root.glob(f"{stage}{TASK_WORK}*") if root.is_dir() else ():
+        if stale != work and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+    return work
 
 
 def _remove_heal_work(root: Path, keep: Path | None = None) -> None:

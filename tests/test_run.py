@@ -62,6 +62,31 @@ def test_resume_after_a_crash_between_stages(tiny_folder, tmp_path, monkeypatch)
     assert "eval_compressed" in resumed.stages_run
 
 
+def test_a_run_killed_inside_an_evaluation_resumes_at_the_unfinished_task(tiny_folder, tmp_path, monkeypatch):
+    import mi_opt.evaluate.tasks as tasks
+
+    recipe = recipe_from_dict({**_recipe(tiny_folder, parts=("tasks",)).to_dict(),
+                               "evaluate": {"parts": ["tasks"], "task_limit": 2,
+                                            "tasks": ["miopt_arithmetic", "miopt_capitals"]}})
+    real, calls = tasks._lm_eval, []
+
+    def counted(lm, specs, *args):
+        calls.append(specs[0]["task"])
+        if len(calls) == 4:  # original: 2 tasks; compressed: arithmetic done, killed in capitals
+            raise KeyboardInterrupt
+        return real(lm, specs, *args)
+
+    monkeypatch.setattr(tasks, "_lm_eval", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "t", progress=False)
+    assert list((tmp_path / "t").glob("eval_compressed.tasks-work-*"))   # the finished task is kept
+    resumed = run(recipe, tmp_path / "t", progress=False)
+    assert calls[4:] == ["miopt_capitals"] and "eval_compressed" in resumed.stages_run
+    assert not list(tmp_path.rglob("*tasks-work*"))                       # and removed once the stage is done
+    kept = json.loads((tmp_path / "t" / "eval_compressed.json").read_text())
+    assert set(kept["tasks"]) == {"miopt_arithmetic", "miopt_capitals"}
+
+
 def test_changed_settings_are_recomputed_not_reused(tiny_folder, tmp_path):
     run(_recipe(tiny_folder), tmp_path / "t", progress=False)
     changed = run(_recipe(tiny_folder, seed=1), tmp_path / "t", progress=False)

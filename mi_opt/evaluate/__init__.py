@@ -34,12 +34,14 @@ def torch_threads(n: int | None) -> Iterator[int]:
 
 
 def evaluate(model: nn.Module | LoadedModel, tokenizer, config: EvalConfig | None = None, spec: str | None = None,
-             folder: str | Path | None = None, progress: bool = True, trust_task_code: bool = False) -> EvalResult:
+             folder: str | Path | None = None, progress: bool = True, trust_task_code: bool = False,
+             resume_dir: str | Path | None = None) -> EvalResult:
     """Measure `model` as configured; the model is used in memory and left unchanged.
 
     spec: how the model was named (recorded only). folder: where its weights live on disk,
     so the size reported is bytes on disk rather than bytes in memory. trust_task_code: the
-    user's --trust-task-code, never a recipe's (evaluate/tasks.py).
+    user's --trust-task-code, never a recipe's (evaluate/tasks.py). resume_dir: keep each
+    finished task there and reuse those found (run_tasks); the caller keys it to this model.
     """
     config = config or EvalConfig()
     loaded = as_loaded(model)
@@ -61,7 +63,8 @@ def evaluate(model: nn.Module | LoadedModel, tokenizer, config: EvalConfig | Non
             started = time.perf_counter()
             result.lm_eval_results = {}
             result.tasks = run_tasks(model, tokenizer, config.tasks, config.task_limit, config.task_batch_size,
-                                     device, config.seed, resolved, trust_task_code, raw=result.lm_eval_results)
+                                     device, config.seed, resolved, trust_task_code, raw=result.lm_eval_results,
+                                     resume_dir=resume_dir)
             result.wall_time_s["tasks"] = round(time.perf_counter() - started, 2)
         if "speed" in config.parts:
             started = time.perf_counter()

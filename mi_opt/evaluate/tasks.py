@@ -12,6 +12,8 @@ Task files are data, so those from outside mi_opt/tasks run no code unless the u
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -156,21 +158,19 @@ def _clean(value):
 
 def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int | None = None,
               batch_size: int = 8, device: str | torch.device | None = None, seed: int = 0,
-              resolved: tuple | None = None, trust_task_code: bool = False, raw: dict | None = None) -> dict:
+              resolved: tuple | None = None, trust_task_code: bool = False, raw: dict | None = None,
+              resume_dir: str | Path | None = None) -> dict:
     """{task: {"metrics": {...}, "primary": name, "higher_is_better": {...}, "n": items, "score": interval,
     "items": per-item primary scores, ...}}.
 
     resolved: resolve_tasks(names) done earlier (evaluate() checks names before any work).
     trust_task_code: render task files from outside mi_opt/tasks without Jinja's sandbox.
     raw: a dict that receives lm-eval's own results (samples left out), for lm-eval's tooling.
+    resume_dir: run the tasks one at a time and keep each finished one there, so an evaluation
+    cut short (a full one takes half an hour on 2 cores) resumes at the task it stopped in. The
+    caller owns the folder: it must belong to this model and settings, and is removed when done.
     """
-    from contextlib import nullcontext
-
-    from jinja2.exceptions import SecurityError
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-
-    from mi_opt.evaluate.sandbox import sandboxed_templates
 
     specs, manager = resolved or resolve_tasks(names, trust_task_code)
     untrusted = [] if trust_task_code else untrusted_files(names)
@@ -180,6 +180,59 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               device=str(device) if device is not None else None)
+    if resume_dir is None:
+        out = _lm_eval(lm, specs, manager, limit, seed, untrusted)
+        if raw is not None:
+            raw.update({k: v for k, v in out.items() if k != "samples"})
+        return _collect(out)
+    from lm_eval.utils import handle_non_serializable
+
+    from mi_opt.artifacts import atomic_write_bytes
+
+    results, merged = {}, {}
+    for name, spec in zip(names, specs):
+        kept = Path(resume_dir) / f"{_task_key(name, spec, limit, batch_size, seed)}.json"
+        if kept.is_file():
+            part = json.loads(kept.read_text(encoding="utf-8"))
+        else:
+            out = _lm_eval(lm, [spec], manager, limit, seed, untrusted)
+            part = {"task": name, "tasks": _collect(out), "raw": {k: v for k, v in out.items() if k != "samples"}}
+            part = json.loads(json.dumps(part, default=handle_non_serializable))  # what a resumed run reads
+            atomic_write_bytes(kept, json.dumps(part).encode())
+        results.update(part["tasks"])
+        merge_lm_eval(merged, part["raw"])
+    if raw is not None:
+        raw.update(merged)
+    return results
+
+
+def _task_key(name: str, spec, limit: int | None, batch_size: int, seed: int) -> str:
+    """A kept task result's file name: the task as lm-eval received it (an edited task file is a new key)."""
+    text = json.dumps([name, spec, limit, batch_size, seed], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def merge_lm_eval(into: dict, part: dict) -> dict:
+    """lm-eval's results of one more task merged into `into`: per-task tables (results, configs,
+    versions, n-shot...) are joined; run-wide entries (config, date, versions of packages) are
+    the first call's."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into.setdefault(key, value)
+    return into
+
+
+def _lm_eval(lm, specs: list, manager, limit: int | None, seed: int, untrusted: list[str]) -> dict:
+    """lm-eval's simple_evaluate on the wrapped model, greedy and seeded, with mi-opt's errors."""
+    from contextlib import nullcontext
+
+    from jinja2.exceptions import SecurityError
+    from lm_eval import simple_evaluate
+
+    from mi_opt.evaluate.sandbox import sandboxed_templates
+
     try:
         with sandboxed_templates() if untrusted else nullcontext():
             # bootstrap_iters > 0 makes lm-eval fill its own *_stderr (closed form for mean metrics).
@@ -194,9 +247,7 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
     except (FileNotFoundError, ConnectionError) as err:
         raise MiOptError(f"lm-eval could not load a task's data ({err}); standard lm-eval tasks need a "
                          f"network, mi-opt's own tasks ({', '.join(local_tasks())}) do not") from err
-    if raw is not None:
-        raw.update({k: v for k, v in out.items() if k != "samples"})
-    return _collect(out)
+    return out
 
 
 def _response(sample: dict) -> str:

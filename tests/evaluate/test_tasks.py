@@ -42,6 +42,37 @@ def test_local_task_runs_offline_on_a_tiny_model(smol_tiny, monkeypatch):
     assert [e["response"] for e in again["examples"]] == [e["response"] for e in gen["examples"]]
 
 
+def test_an_evaluation_cut_short_resumes_at_the_task_it_stopped_in(tmp_path, smol_tiny, monkeypatch):
+    import mi_opt.evaluate.tasks as tasks
+
+    model, tok = smol_tiny
+    names = ["miopt_facts_mc", "miopt_capitals"]
+    whole_raw, kept_raw = {}, {}
+    whole = run_tasks(model, tok, names, limit=3, batch_size=2, raw=whole_raw)
+    real, calls = tasks._lm_eval, []
+
+    def dies_on_the_second_task(lm, specs, *args):
+        calls.append(specs[0]["task"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session ends in the middle of capitals
+        return real(lm, specs, *args)
+
+    monkeypatch.setattr(tasks, "_lm_eval", dies_on_the_second_task)
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(model, tok, names, limit=3, batch_size=2, resume_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1             # facts was kept, capitals was not
+    monkeypatch.setattr(tasks, "_lm_eval", lambda lm, specs, *a: (calls.append(specs[0]["task"]), real(lm, specs, *a))[1])
+    resumed = run_tasks(model, tok, names, limit=3, batch_size=2, resume_dir=tmp_path, raw=kept_raw)
+    assert calls[2:] == ["miopt_capitals"]                     # only the unfinished task ran again
+    for name in names:
+        assert resumed[name]["items"] == whole[name]["items"] and resumed[name]["metrics"] == whole[name]["metrics"]
+    assert set(kept_raw["results"]) == set(whole_raw["results"]) == set(names)   # lm-eval's tables, joined
+    assert set(kept_raw["configs"]) == set(names) and kept_raw["n-shot"] == whole_raw["n-shot"]
+    # another limit is another evaluation: nothing kept is reused for it
+    run_tasks(model, tok, names[:1], limit=2, batch_size=2, resume_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
 def test_task_yaml_path_with_relative_data(tmp_path, smol_tiny):
     shutil.copy(TASK_DIR / "facts_mc.jsonl", tmp_path / "data.jsonl")
     config = yaml.safe_load((TASK_DIR / "facts_mc.yaml").read_text())
