@@ -212,6 +212,7 @@ class ArchAdapter:
     # Whether a checkpoint of this family's quantized decoder linears is a layout plain
     # transformers reloads (its BitsAndBytesConfig path), not only mi-opt's loader.
     transformers_reloads_quantized: bool = True
+    projection_module: str = "nn.Linear"  # the class of this family's decoder projections, for messages
 
     # --- heads -------------------------------------------------------------------
     def head_projections(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,6 +408,7 @@ class GPT2Adapter(ArchAdapter):
 
     # Converted Conv1D modules are not a layout transformers promises to reload.
     transformers_reloads_quantized = False
+    projection_module = "Conv1D"
 
     # --- heads: c_attn's columns are [q | k | v], each head-major ---------------
     def head_projections(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:

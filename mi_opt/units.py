@@ -42,6 +42,7 @@ SPECIAL_MODULES = ("embed", "lm_head")  # module keys that name no decoder layer
 # for MLP widths, and 4-bit formats. Width 5 exists only where a backend offers it (GGUF's Q5_0 /
 # Q5_1: llama.cpp's fallback for rows that K-quants cannot split); each backend declares its own.
 BIT_WIDTHS = (4, 5, 8, 16)
+PLANNER_WIDTHS = (4, 8, 16)  # what the bits planner tries unless told: the widths every backend offers
 HEAD_MODES = ("uniform", "free")
 WIDTH_MODES = HEAD_MODES  # MLP neuron pruning: "uniform" (one intermediate size) or "free" (per layer)
 QUANT_TYPES = ("nf4", "fp4")

@@ -122,7 +122,7 @@ def _quantized_tensors(model: nn.Module, types: dict[str, str], family) -> tuple
         qtype = gguf.GGMLQuantizationType[types[name]]
         # Blocks run along rows, so quantizing commutes with llama.cpp's row permutation: quantize in
         # HF order (the reference the check uses, independent of the permutation), then permute the packed rows.
-        packed, dequantized[name] = _round_trip(p, qtype)
+        packed, dequantized[name] = ggml_round_trip(p, qtype)
         heads = family.row_heads(model, name)
         if heads is not None:
             packed = permute_rows(packed, heads)
@@ -130,7 +130,7 @@ def _quantized_tensors(model: nn.Module, types: dict[str, str], family) -> tuple
     return tensors, dequantized
 
 
-def _round_trip(p: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
+def ggml_round_trip(p: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
     """(the packed GGML bytes of a weight, the weight they dequantize to, in its own dtype and device)."""
     import gguf
 
@@ -175,7 +175,7 @@ def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | 
     with torch.no_grad():
         for name, p in tqdm(list(model.named_parameters()), desc="GGUF-quantizing", leave=False):
             if types[name] != "F32" or p.dtype != torch.float32:
-                p.copy_(_round_trip(p, gguf.GGMLQuantizationType[types[name]])[1])
+                p.copy_(ggml_round_trip(p, gguf.GGMLQuantizationType[types[name]])[1])
     return types
 
 

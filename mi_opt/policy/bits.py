@@ -41,7 +41,7 @@ from mi_opt.policy.base import PLANNERS, PlanContext, Planner, check_metric, uni
 from mi_opt.profile.quant_sensitivity import (GRANULARITIES, QuantSensitivity, measure_quant_sensitivity, quant_units,
                                               unit_sizes)
 from mi_opt.profile.importance import ImportanceProfile
-from mi_opt.units import BIT_WIDTHS, layer_of, parse_unit
+from mi_opt.units import BIT_WIDTHS, PLANNER_WIDTHS, layer_of, parse_unit
 
 SCORES = ("sensitivity", "importance")
 # importance mode: damage of a unit at width w = importance * 4^-(w-4), the scaling of the
@@ -51,7 +51,7 @@ _NOISE = {4: 1.0, 5: 4.0 ** -1, 8: 4.0 ** -4, 16: 0.0}
 
 @dataclass
 class BitsConfig:
-    widths: tuple[int, ...] = (4, 8, 16)   # candidate widths per unit (subset of BIT_WIDTHS the backend offers)
+    widths: tuple[int, ...] = PLANNER_WIDTHS  # candidate widths per unit (subset of BIT_WIDTHS the backend offers)
     avg_bits: float | None = None          # budget: mean bits per weight over the decoder linears, or
     max_bytes: int | None = None           # ... their total bytes (4/8-bit scales included; 16 = bf16)
     granularity: str | None = None         # "module": a width per linear; "layer": one per layer.

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from mi_opt.quant.base import QuantBackend, QuantOptions
+from mi_opt.units import QUANT_TYPES
 
 
 class BitsAndBytesBackend(QuantBackend):
     name = "bitsandbytes"
-    formats = {8: ("llm.int8",), 4: ("nf4", "fp4")}
+    formats = {8: ("llm.int8",), 4: QUANT_TYPES}
     devices = ("cpu", "cuda", "xpu")
     serialization = ("safetensors in bitsandbytes' canonical layout (int8 + row scales SCB; packed nibbles + "
                      "float32 absmax), BitsAndBytesConfig in config.json")

@@ -53,12 +53,12 @@ class GgufBackend(QuantBackend):
         """`weight` quantized to GGML type `kind` and dequantized, in its own dtype and device."""
         import gguf
 
-        from mi_opt.formats.gguf import _round_trip
+        from mi_opt.formats.gguf import ggml_round_trip
 
         if weight.shape[-1] % 32:
             raise MiOptError(f"a weight with rows of {weight.shape[-1]} values does not split into {kind}'s blocks of "
                              "32; give it width 16 in the plan")
-        return _round_trip(weight.detach(), gguf.GGMLQuantizationType[kind])[1].to(weight.device, weight.dtype)
+        return ggml_round_trip(weight.detach(), gguf.GGMLQuantizationType[kind])[1].to(weight.device, weight.dtype)
 
     def quantized_linear(self, linear: nn.Linear, width: int, options: QuantOptions) -> nn.Module:
         from mi_opt.arch import linear_from

@@ -103,7 +103,7 @@ class TorchAoBackend(QuantBackend):
         targets = {n: w for n, w in resolve_targets(model, bits).items() if w < 16}
         self.check_devices(model, targets)
         adapter = get_adapter(model)
-        for name in targets:  # torchao quantizes nn.Linear: a family's other linears (GPT-2 Conv1D) convert first
+        for name in targets:  # torchao quantizes nn.Linear: a family's other projection modules convert first
             original = model.get_submodule(name)
             if type(original) is not nn.Linear:
                 model.set_submodule(name, adapter.as_linear(original))
@@ -140,7 +140,7 @@ class TorchAoBackend(QuantBackend):
 
         adapter = get_adapter(model)
         if not modules or not adapter.transformers_reloads_quantized:
-            return None  # e.g. converted GPT-2 projections: transformers would build Conv1D there
+            return None  # converted projections: transformers would rebuild the family's own modules there
         names = {id(m): n for n, m in model.named_modules()}
         head = names.get(id(adapter.lm_head())) in modules  # transformers skips lm_head unless told
         FqnToConfig = _torchao()[1]
@@ -153,6 +153,7 @@ class TorchAoBackend(QuantBackend):
         from safetensors.torch import save
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
+        from mi_opt.arch import get_adapter
         from mi_opt.artifacts import atomic_write_bytes
 
         modules = self.modules(model)
@@ -175,7 +176,8 @@ class TorchAoBackend(QuantBackend):
                 "scale_groups": {n: group_of(_in_features(model.get_submodule(n))) for n in modules},
                 "loader": "transformers" if hf_config is not None else "mi_opt", "quantization_config": hf_config,
                 "loader_reason": None if hf_config is not None or not modules else
-                "transformers would rebuild this family's projections as Conv1D, not the nn.Linear torchao quantized"}
+                (f"transformers would rebuild this family's projections as {get_adapter(model).projection_module}, "
+                 "not the nn.Linear torchao quantized")}
 
     def load_(self, model: nn.Module, folder, metadata: dict) -> None:
         from safetensors import safe_open

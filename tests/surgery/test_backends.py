@@ -162,13 +162,13 @@ def test_bitsandbytes_through_the_registry_is_what_it_was():
 def test_gguf_backend_round_trips_weights_and_ships_only_as_gguf(tmp_path):
     import gguf
 
-    from mi_opt.formats.gguf import _round_trip
+    from mi_opt.formats.gguf import ggml_round_trip
 
     model = tiny_model("llama")
     weight = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     plan = _plan(model, bits={"L0": 8, "L1": 4}, backend="gguf", quant_type="Q4_1")
     apply_(model, plan)
-    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, _round_trip(weight, gguf.GGMLQuantizationType.Q8_0)[1])
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, ggml_round_trip(weight, gguf.GGMLQuantizationType.Q8_0)[1])
     q = get_backend("gguf").quantized_linear(torch.nn.Linear(64, 32), 4, QuantOptions("Q4_1"))
     assert isinstance(q, torch.nn.Linear)
     with pytest.raises(MiOptError, match="backend gguf, which export format safetensors does not carry"):
@@ -181,13 +181,13 @@ def test_gguf_backend_round_trips_weights_and_ships_only_as_gguf(tmp_path):
 def test_gguf_backend_quantizes_a_tied_embedding_once():
     import gguf
 
-    from mi_opt.formats.gguf import _round_trip
+    from mi_opt.formats.gguf import ggml_round_trip
 
     tied = _tied_llama()
     weight = tied.model.embed_tokens.weight.detach().clone()
     apply_(tied, _plan(tied, bits={"embed": 8, "lm_head": 8}, backend="gguf", quant_type=None))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight  # still tied, rounded once
-    assert torch.equal(tied.lm_head.weight, _round_trip(weight, gguf.GGMLQuantizationType.Q8_0)[1])
+    assert torch.equal(tied.lm_head.weight, ggml_round_trip(weight, gguf.GGMLQuantizationType.Q8_0)[1])
     with pytest.raises(MiOptError, match="ties them: in GGUF they are one tensor"):
         apply_(_tied_llama(), _plan(_tied_llama(), bits={"embed": 8, "lm_head": 4}, backend="gguf", quant_type=None))
 
