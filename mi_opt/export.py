@@ -175,14 +175,15 @@ def _through_adapters(stored: dict[str, torch.Tensor], adapters: dict[str, nn.Mo
 
 def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out_dir: str | Path, profile=None,
            eval_results: dict | None = None, force: bool = False, heal=None, dtype: str | torch.dtype = "auto",
-           format: str = "safetensors", gguf=None) -> Path:
+           format: str = "safetensors", gguf=None, gguf_applied=None) -> Path:
     """Write the compressed `model` (bare or a handle) to out_dir atomically, verified by a reload;
     returns out_dir.
 
     heal: the HealRecord when the model was healed after compression (shipped as heal.json).
     dtype: the dtype of unquantized weights on disk ("auto": bf16 for an fp32 model, see above).
     format: "safetensors" (transformers / mi-opt checkpoint) or "gguf" (one .gguf for llama.cpp,
-    written by mi_opt.formats.gguf from the unquantized model; gguf: its GgufOptions)."""
+    written by mi_opt.formats.gguf from the unquantized model; gguf: its GgufOptions; gguf_applied:
+    apply_gguf_'s record when the model already holds the GGUF weights, so GPTQ is not run twice)."""
     model = bare(model)
     if format not in FORMATS:
         raise MiOptError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
@@ -200,7 +201,8 @@ def export(model: nn.Module | LoadedModel, tokenizer, plan: CompressionPlan, out
             raise MiOptError("a GGUF file cannot carry unmerged LoRA adapters: heal with heal.adapters 'merge' "
                              "to export GGUF, or export safetensors")
 
-        return export_gguf(model, tokenizer, plan, out, gguf, profile=profile, eval_results=eval_results, heal=heal)
+        return export_gguf(model, tokenizer, plan, out, gguf, profile=profile, eval_results=eval_results, heal=heal,
+                           applied=gguf_applied)
     _check_model_matches_plan(model, plan)
     dtype = storage_dtype(model, dtype)
     with staging(out) as tmp:

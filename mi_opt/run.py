@@ -253,6 +253,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     need_healed = bool(recipe.heal) and not (
         folder.done("heal", heal_key) and folder.done("eval_healed", healed_key)
         and (not recipe.export.enabled or folder.done("export", export_key)) and not (healed_in_ab and need_ab))
+    gguf_applied = None  # what apply_gguf_ put in the model: the export writes it as it is
     if not folder.done("eval_compressed", compressed_key) or need_healed or need_ab or (
             recipe.export.enabled and not folder.done("export", export_key)):
         from mi_opt.surgery import apply_
@@ -261,7 +262,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         if gguf:
             from mi_opt.formats.gguf import apply_gguf_
 
-            apply_gguf_(model, plan, recipe.export.gguf_options(), tokenizer)
+            gguf_applied = apply_gguf_(model, plan, recipe.export.gguf_options(), tokenizer)
             loaded.changed()
         else:
             apply_(loaded, plan)
@@ -315,7 +316,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
                 results["healed"] = healed[0].to_dict()
             export(model, tokenizer, plan, folder.root / "checkpoint", profile=profile, force=True,
                    eval_results=results, heal=healed[1] if healed else None, format=recipe.export.format,
-                   gguf=recipe.export.gguf_options() if gguf else None)
+                   gguf=recipe.export.gguf_options() if gguf else None, gguf_applied=gguf_applied)
             folder.mark("export", export_key, ["checkpoint"])
             ran.append("export")
 

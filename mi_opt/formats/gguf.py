@@ -20,7 +20,7 @@ are), or `GgufOptions.vocab_from`. An export without a tokenizer (tokenizer=None
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,26 +157,38 @@ def gptq_for_gguf_(model: nn.Module, types: dict[str, str], options: GgufOptions
     return gptq_(model, types, windows, progress=progress)
 
 
+@dataclass(frozen=True)
+class GgufWeights:
+    """What apply_gguf_ put in a model: parameter name -> GGML type, and for the Q4_0 / Q5_0
+    weights under quantizer gptq, name -> "gptq" or "rtn" (which quantizer each one kept)."""
+
+    types: dict[str, str]
+    quantizer: str
+    quantizer_choice: dict[str, str]
+
+
 def apply_gguf_(model: nn.Module, plan: CompressionPlan, options: GgufOptions | None = None,
-                tokenizer=None) -> dict[str, str]:
+                tokenizer=None) -> GgufWeights:
     """apply_structure_, then every weight replaced in place by what the GGUF file will hold, dequantized,
-    so that evaluating the model measures what ships; returns parameter name -> GGML type.
+    so that evaluating the model measures what ships.
 
     Exporting the result quantizes each weight again at the same type, which gives the same weights:
     every block's scale (and minimum) is recomputed exactly from its own dequantized values. The only
-    byte that can change is the sign of an all-zero block's zero scale in Q4_0 / Q5_0 (-0.0 -> +0.0)."""
+    byte that can change is the sign of an all-zero block's zero scale in Q4_0 / Q5_0 (-0.0 -> +0.0).
+    Pass the returned record to export_gguf (`applied`) so it writes these weights as they are
+    rather than running GPTQ a second time."""
     import gguf
 
     options = options or GgufOptions()
     apply_structure_(model, plan)
     gguf_family(model).check(model)
     types = tensor_types(model, plan, options)
-    gptq_for_gguf_(model, types, options, tokenizer)
+    chosen = gptq_for_gguf_(model, types, options, tokenizer)
     with torch.no_grad():
         for name, p in tqdm(list(model.named_parameters()), desc="GGUF-quantizing", leave=False):
             if types[name] != "F32" or p.dtype != torch.float32:
                 p.copy_(ggml_round_trip(p, gguf.GGMLQuantizationType[types[name]])[1])
-    return types
+    return GgufWeights(types, options.quantizer, chosen)
 
 
 def _file_type(types: dict[str, str]):
@@ -241,9 +253,30 @@ def _verify(model: nn.Module, folder: Path, file_name: str, dequantized: dict[st
     return diff
 
 
+def _check_applied(model: nn.Module, applied: GgufWeights, options: GgufOptions, types: dict[str, str],
+                   dequantized: dict[str, torch.Tensor]) -> None:
+    """The model holds what `applied` says: the same types, and GPTQ's weights on their own grid."""
+    if applied.quantizer != options.quantizer:
+        raise MiOptError(f"GGUF export: the model holds {applied.quantizer} weights but the export's options say "
+                         f"quantizer {options.quantizer}; export with the options apply_gguf_ used")
+    if applied.types != types:
+        raise MiOptError("GGUF export: the model was quantized with other tensor types than this export's options "
+                         "give; export with the options apply_gguf_ used")
+    params = dict(model.named_parameters())
+    moved = [n for n, how in applied.quantizer_choice.items() if how == "gptq" and not torch.equal(
+        dequantized[n].abs(), params[n].detach().abs())]  # |x|: an all-zero block's scale may flip sign
+    if moved:
+        raise MiOptError(f"GGUF export: {moved[0]} is marked as GPTQ-quantized but its weights are not on their "
+                         "GGML grid (they changed after apply_gguf_); apply the plan again before exporting")
+
+
 def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, options: GgufOptions | None = None,
-                profile=None, eval_results: dict | None = None, heal=None) -> Path:
-    """Write out/<options.file_name> (+ plan, sidecar, card) atomically, verified by a transformers reload."""
+                profile=None, eval_results: dict | None = None, heal=None, applied: GgufWeights | None = None) -> Path:
+    """Write out/<options.file_name> (+ plan, sidecar, card) atomically, verified by a transformers reload.
+
+    applied: apply_gguf_'s record when `model` already holds the GGUF weights (a recipe evaluates
+    them before it exports): they are written as they are, and a GPTQ weight that does not come
+    back unchanged from its own quantization is refused, since it cannot be GPTQ's output."""
     from mi_opt.export import SCHEMA, SIDECAR, VERSION, describe, finish, staging
 
     options = options or GgufOptions()
@@ -253,14 +286,16 @@ def export_gguf(model: nn.Module, tokenizer, plan: CompressionPlan, out: Path, o
     mapping = options.mapping()
     types = tensor_types(model, plan, options)
     vocab = _vocab_fields(tokenizer, plan, options, get_adapter(model).embedding().weight.shape[0])
-    chosen = {}
-    if options.quantizer == "gptq":  # on a copy: the caller's model stays as given (GPTQ of GPTQ's output is itself)
+    chosen = applied.quantizer_choice if applied is not None else {}
+    if options.quantizer == "gptq" and applied is None:  # on a copy: the caller's model stays as given
         import copy
 
         model = copy.deepcopy(model)
         chosen = gptq_for_gguf_(model, types, options, tokenizer)
     with staging(out) as tmp:
         tensors, dequantized = _quantized_tensors(model, types, family)
+        if applied is not None:
+            _check_applied(model, applied, options, types, dequantized)
         _write(tmp / options.file_name, model, family, tensors, vocab, types, mapping, plan)
         del tensors
         diff = _verify(model, tmp, options.file_name, dequantized)

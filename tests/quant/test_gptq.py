@@ -108,6 +108,43 @@ def test_a_gptq_gguf_export_ships_what_apply_gguf_evaluates(tmp_path):
         apply_gguf_(tiny_model("llama"), plan, options)
 
 
+def test_an_export_of_applied_gguf_weights_writes_them_without_a_second_gptq_pass(tmp_path, monkeypatch):
+    # A recipe evaluates apply_gguf_'s weights, then exports them: GPTQ (Hessians and a pass over
+    # every linear) ran twice for one result before.
+    import mi_opt.formats.gguf as gguf_format
+    from gguf_vocab import save_vocab_gguf
+
+    from mi_opt.export import SIDECAR, export
+    from mi_opt.formats.gguf import apply_gguf_
+    from mi_opt.formats.gguf_types import GgufOptions
+    from mi_opt.plan import CompressionPlan
+
+    tokenizer = tiny_tokenizer()
+    plan = CompressionPlan(model={"spec": "tiny", "n_layers": 4}, backend="gguf", quant_type="Q4_0",
+                           bits={f"L{i}": 4 for i in range(4)})
+    options = GgufOptions(quantizer="gptq", calibration_windows=4,
+                          vocab_from=save_vocab_gguf(tmp_path / "vocab.gguf", tokenizer))
+    fresh = export(tiny_model("llama"), tokenizer, plan, tmp_path / "fresh", format="gguf", gguf=options)
+    model = tiny_model("llama")
+    applied = apply_gguf_(model, plan, options, tokenizer)
+    assert "gptq" in applied.quantizer_choice.values()
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("GPTQ ran again")
+
+    monkeypatch.setattr(gguf_format, "gptq_for_gguf_", no_second_pass)
+    out = export(model, tokenizer, plan, tmp_path / "applied", format="gguf", gguf=options, gguf_applied=applied)
+    assert (out / "model.gguf").read_bytes() == (fresh / "model.gguf").read_bytes()
+    sidecar, first = (json.loads((d / SIDECAR).read_text())["gguf"] for d in (out, fresh))
+    assert sidecar["gptq_kept"] == first["gptq_kept"] and sidecar["gptq_kept"]
+    kept = sidecar["gptq_kept"][0]
+    with torch.no_grad():
+        model.get_parameter(kept).add_(1e-3)  # edited after apply_gguf_: no longer GPTQ's output
+    with pytest.raises(MiOptError, match="not on their GGML grid"):
+        export(model, tokenizer, plan, tmp_path / "edited", format="gguf", gguf=options, gguf_applied=applied)
+    assert not (tmp_path / "edited").exists()
+
+
 def test_hessians_are_the_inputs_gram_matrices_shared_inputs_included():
     from mi_opt.hooks import Hook, attached
     from mi_opt.quant.gptq import collect_hessians
