@@ -36,7 +36,7 @@ REPORTS = ROOT / "reports"
 CACHE = Path.home() / ".cache" / "mi-opt" / "profile_cost"
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n-samples", type=int, default=16)
@@ -48,7 +48,11 @@ def main() -> int:
                     help="time the naive loop on every k-th unit and scale (1: every unit, measured)")
     ap.add_argument("--layer-every", type=int, default=1,
                     help="profile only every k-th layer's units with both engines (quick looks only)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     windows = token_windows(tok, "handbook", args.n_samples, args.seq_len, seed=0)
@@ -57,12 +61,11 @@ def main() -> int:
 
     fast_cfg = AblationConfig(engine="fast", ablations_per_forward=args.ablations_per_forward, **base)
     all_units = [u for u in _units(model, kinds) if parse_unit(u).layer % args.layer_every == 0]
-    setting = {k: v for k, v in vars(args).items() if k != "ablations_per_forward"}
-    fast_s, fast_scores, fast_cost = _timed_run(model, windows, fast_cfg, all_units,
-                                                CACHE / f"{_key(setting, args.ablations_per_forward)}-fast.json")
+    fast_cache, naive_cache = cache_paths(args)
+    fast_s, fast_scores, fast_cost = _timed_run(model, windows, fast_cfg, all_units, fast_cache)
     sample = all_units[::args.naive_every]
     naive_sample_s, naive_scores, _ = _timed_run(model, windows, AblationConfig(engine="naive", **base), sample,
-                                                  CACHE / f"{_key(setting)}-naive.json")
+                                                  naive_cache)
     naive_s = naive_sample_s * len(all_units) / len(sample)
     max_diff = max(max(abs(naive_scores[k]["delta_loss"] - fast_scores[k]["delta_loss"]),
                        abs(naive_scores[k]["kl"] - fast_scores[k]["kl"])) for k in naive_scores)
@@ -78,6 +81,12 @@ def main() -> int:
     (REPORTS / "profile_cost.md").write_text(_markdown(result))
     print(_markdown(result))
     return 0
+
+
+def cache_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the fast and the naive engine's finished runs for this setting are kept."""
+    setting = {k: v for k, v in vars(args).items() if k != "ablations_per_forward"}
+    return CACHE / f"{_key(setting, args.ablations_per_forward)}-fast.json", CACHE / f"{_key(setting)}-naive.json"
 
 
 def _key(*parts) -> str:
