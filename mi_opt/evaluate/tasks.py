@@ -183,7 +183,7 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
     if resume_dir is None:
         out = _lm_eval(lm, specs, manager, limit, seed, untrusted)
         if raw is not None:
-            raw.update({k: v for k, v in out.items() if k != "samples"})
+            raw.update(_without_samples(out))
         return _collect(out)
     from lm_eval.utils import handle_non_serializable
 
@@ -196,7 +196,7 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
             part = json.loads(kept.read_text(encoding="utf-8"))
         else:
             out = _lm_eval(lm, [spec], manager, limit, seed, untrusted)
-            part = {"task": name, "tasks": _collect(out), "raw": {k: v for k, v in out.items() if k != "samples"}}
+            part = {"task": name, "tasks": _collect(out), "raw": _without_samples(out)}
             part = json.loads(json.dumps(part, default=handle_non_serializable))  # what a resumed run reads
             atomic_write_bytes(kept, json.dumps(part).encode())
         results.update(part["tasks"])
@@ -204,6 +204,11 @@ def run_tasks(model, tokenizer, names: list[str] | tuple[str, ...], limit: int |
     if raw is not None:
         raw.update(merged)
     return results
+
+
+def _without_samples(out: dict) -> dict:
+    """lm-eval's results as its tooling reads them, less the per-item samples (mi-opt keeps its own)."""
+    return {k: v for k, v in out.items() if k != "samples"}
 
 
 def _task_key(name: str, spec, limit: int | None, batch_size: int, seed: int) -> str:
