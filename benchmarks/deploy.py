@@ -32,13 +32,13 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from mi_opt.artifacts import machine, versions, write_json
-from mi_opt.evaluate.ab_speed import reliability_warnings, timed_rounds
+from mi_opt.evaluate.ab_speed import load_average, reliability_warnings, timed_rounds
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.evaluate.speed import forward_kwargs, median_spread, timed_generation
 from mi_opt.export import export
@@ -245,7 +245,7 @@ def speed_pass(data: dict, original, tokenizer, threads: int, rounds: int) -> di
         runners[name] = transformers_runner(transformers_model(name, original), ids)
     timed = timed_rounds(runners, rounds, warmup=1, progress=True)
     runs, order, before, after = timed.runs, timed.order, timed.kernel_before, timed.kernel_after
-    load = (os.getloadavg()[0], os.cpu_count() or 1)
+    load = load_average()
     rows = {}
     for name, timings in runs.items():
         prefill, decode = zip(*timings)
@@ -254,10 +254,12 @@ def speed_pass(data: dict, original, tokenizer, threads: int, rounds: int) -> di
     base = "original, transformers fp32"
     for name, timings in runs.items():  # per-round ratios against transformers fp32 in the same round
         rows[name]["decode_vs_transformers"] = median_spread([b[1] / t[1] for b, t in zip(runs[base], timings)])
-    warnings = reliability_warnings(before, after, {n: [t[1] for t in r] for n, r in runs.items()}, load)
+    warnings = reliability_warnings(before, after, {n: [t[1] for t in r] for n, r in runs.items()}, load,
+                                    cpu=timed.cpu)
     return {"threads": threads, "rounds": rounds, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-            "rows": rows, "runs": {n: [list(t) for t in r] for n, r in runs.items()}, "order": order, "kernel_before": before, "kernel_after": after, "load": load,
-            "warnings": warnings, "reliable": not warnings}
+            "rows": rows, "runs": {n: [list(t) for t in r] for n, r in runs.items()}, "order": order,
+            "kernel_before": before, "kernel_after": after, "load": load,
+            "cpu_shares": asdict(timed.cpu) if timed.cpu else None, "warnings": warnings, "reliable": not warnings}
 
 
 def parse_args(argv=None):
