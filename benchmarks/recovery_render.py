@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mi_opt.evaluate.stats import binomial_interval  # noqa: E402
+
 GENERATIVE = ("miopt_arithmetic", "miopt_capitals")
 
 
@@ -50,10 +52,18 @@ def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
              if unhealed and heal else "1x" if unhealed else "-")
     ratio_kjv = (f"{_ratio(cell['perplexity_kjv'], unhealed['perplexity_kjv'], original['perplexity_kjv']):.2f}x"
                  if unhealed and heal else "1x" if unhealed else "-")
-    t = cell["tasks"]
+    tasks = " | ".join(_score(cell, t) for t in ("miopt_facts_mc", *GENERATIVE))
     return (f"| {name} | {how} | {tokens} | {wall} | {cell['perplexity']:.2f} | {ratio} | {cell['perplexity_kjv']:.2f} "
-            f"| {ratio_kjv} | {t['miopt_facts_mc']:.3f} | {t['miopt_arithmetic']:.3f} | {t['miopt_capitals']:.3f} "
-            f"| {_generative(cell):.3f} |")
+            f"| {ratio_kjv} | {tasks} | {_generative(cell):.3f} |")
+
+
+def _score(cell: dict, task: str) -> str:
+    """A right/wrong task's score with its exact 95% interval (the cells keep no item-level results)."""
+    score, n = cell["tasks"][task], cell.get("n_items", {}).get(task)
+    if not n:
+        return f"{score:.3f}"
+    low, high = binomial_interval(round(score * n), n)
+    return f"{score:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def _tokens(rec: dict) -> int:
@@ -155,7 +165,9 @@ def render(out: Path, cells: dict) -> Path | None:
         unhealed = found.get(f"{cell['plan']}-unhealed")
         lines.append(_row(name, cell, unhealed, original))
     items = ", ".join(f"{k}: {v}" for k, v in original.get("n_items", {}).items())
-    lines += ["", f"Items per task: {items}.", "", *_targets(original, found)]
+    lines += ["", f"Items per task: {items}. [low, high]: exact 95% (Clopper-Pearson) interval. The cells keep no "
+              "item-level results, so no paired test is made: read a task difference as real only where the "
+              "intervals are apart.", "", *_targets(original, found)]
     if (out / "NOTES.md").exists():  # what this particular run was like (machine load, what it left out)
         lines += [(out / "NOTES.md").read_text().strip(), ""]
     lines += [f"![recovery against tokens]({f})" for f in _plot(original, found, out)]
