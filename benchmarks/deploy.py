@@ -254,8 +254,8 @@ def speed_pass(data: dict, original, tokenizer, threads: int, rounds: int) -> di
     base = "original, transformers fp32"
     for name, timings in runs.items():  # per-round ratios against transformers fp32 in the same round
         rows[name]["decode_vs_transformers"] = median_spread([b[1] / t[1] for b, t in zip(runs[base], timings)])
-    warnings = reliability_warnings(before, after, {n: [t[1] for t in r] for n, r in runs.items()}, load,
-                                    cpu=timed.cpu)
+    parts = {n: {"prefill": [t[0] for t in r], "decode": [t[1] for t in r]} for n, r in runs.items()}
+    warnings = reliability_warnings(before, after, parts, load, cpu=timed.cpu)
     return {"threads": threads, "rounds": rounds, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
             "rows": rows, "runs": {n: [list(t) for t in r] for n, r in runs.items()}, "order": order,
             "kernel_before": before, "kernel_after": after, "load": load,

@@ -41,6 +41,7 @@ from mi_opt.evaluate.speed import (TIMING_KEYS, forward_kwargs, median_spread, s
 SCHEMA = "mi-opt/speed-ab"
 VERSION = 1
 # Ratio rows: metric -> (name of the ratio, True when a larger raw value is faster).
+TIMED_PARTS = ("prefill", "time to first token", "decode")  # the order of timed_generation's results
 RATIOS = {"prefill_ms": ("prefill speedup", False), "ttft_ms": ("time to first token speedup", False),
           "decode_tokens_per_s": ("decode speedup", True), "decode_ms_per_token": ("decode speedup", False)}
 
@@ -192,14 +193,16 @@ def kernel_drift(before: list[float], after: list[float]) -> float:
     return a["median"] / b["median"] - 1 if a["median"] >= b["median"] else -(b["median"] / a["median"] - 1)
 
 
-def reliability_warnings(kernel_before: list[float], kernel_after: list[float], model_times: dict[str, list[float]],
+def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
+                         model_times: dict[str, list[float] | dict[str, list[float]]],
                          load: tuple[float, int] | None = None, limits: Reliability | None = None,
                          cpu: CpuShares | None = None) -> list[str]:
     """Sentences saying why these timings are unreliable; none when they look trustworthy.
 
     kernel_before / kernel_after: calibration kernel seconds per rep; model_times: label -> seconds
-    of each round (decode); load: (1-minute load average, CPU count) after the rounds; cpu: who
-    used the CPUs during the rounds.
+    of each round, per part timed ({"prefill": [...], "decode": [...]}; a bare list is decode);
+    load: (1-minute load average, CPU count) after the rounds; cpu: who used the CPUs during the
+    rounds.
     """
     limits = limits or Reliability()
     out = []
@@ -218,10 +221,11 @@ def reliability_warnings(kernel_before: list[float], kernel_after: list[float], 
     if spread > limits.kernel_spread_limit:
         out.append(f"the calibration kernel's own times vary by {spread:.0%} (interquartile range / median): "
                    "other work is competing for this machine")
-    for label, times in model_times.items():
-        s = _spread(times)
-        if s > limits.spread_limit:
-            out.append(f"{label}'s decode times vary by {s:.0%} across rounds")
+    for label, parts in model_times.items():
+        for part, times in (parts if isinstance(parts, dict) else {"decode": parts}).items():
+            s = _spread(times)
+            if s > limits.spread_limit:
+                out.append(f"{label}'s {part} times vary by {s:.0%} across rounds")
     if load is not None and load[0] > load[1] + limits.load_margin:
         out.append(f"the load average was {load[0]:.1f} on {load[1]} CPUs: other processes were running")
     return out
@@ -293,8 +297,10 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
     base = labels[0]
     ratios = {label: {key: _ratio(raw[base][key], raw[label][key], RATIOS[key][1]) for key in TIMING_KEYS}
               for label in labels[1:]}
-    warnings = reliability_warnings(kernel_before, kernel_after, {lb: [t[2] for t in runs[lb]] for lb in labels},
-                                    load, limits, cpu)
+    # Every part timed: a prefill of a few hundred ms moves with the machine's speed steps more
+    # than 31 decode steps do.
+    parts = {lb: {part: [t[i] for t in runs[lb]] for i, part in enumerate(TIMED_PARTS)} for lb in labels}
+    warnings = reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu)
     return {"schema": SCHEMA, "version": VERSION, "labels": labels, "baseline": base, "rounds": len(order),
             "warmup": config.warmup, "order": order, "threads": torch.get_num_threads(), "device": device,
             "settings": {"batch_size": config.batch_size, "prompt_len": config.prompt_len,

@@ -115,6 +115,12 @@ def test_speedups_are_per_round_ratios():
     comp = Comparison(["orig", "small"], [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in range(2)],
                       speed_ab=clean)
     assert {m.name: m for m in comp.rows}["prefill ms"].change(1)["significant"] is True
+    # a prefill that moves between rounds is flagged even when decode holds steady
+    slow_prefill = {k: [(p * (2.0 if i == 1 else 1.0), t, d) for i, (p, t, d) in enumerate(v)] for k, v in steady.items()}
+    slow_prefill["orig"].append((0.2, 0.2, 0.4))
+    slow_prefill["small"].append((0.1, 0.1, 0.2))
+    flagged = ab_result(["orig", "small"], slow_prefill, [["orig", "small"]] * 4, config, STEADY, STEADY)
+    assert flagged["warnings"] and all("prefill times vary" in w for w in flagged["warnings"])
 
 
 def test_measure_ab_on_tiny_models():
