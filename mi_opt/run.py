@@ -151,7 +151,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     """
     from mi_opt.data import token_windows
     from mi_opt.evaluate import EvalResult, evaluate
-    from mi_opt.evaluate.ab_speed import shared_timing
+    from mi_opt.evaluate import ab_speed
     from mi_opt.models import load
     from mi_opt.plan import CompressionPlan
     from mi_opt.policy import make_plan
@@ -247,7 +247,10 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
     # Speed is compared only within one A/B measurement of both models (never the cached baseline's).
     # Kept LoRA adapters add compute: the healed model is then timed in the same rounds, after the heal.
     healed_in_ab = bool(recipe.heal) and recipe.heal.adapters == "keep"
-    ab_key = content_hash(plan_key, sections["evaluate"], *([gguf] if gguf else []),
+    # The artifact's version is in the key: a timing that records more, or judges reliability
+    # otherwise, is measured again rather than shown with the old judgement.
+    ab_key = content_hash(plan_key, sections["evaluate"], f"{ab_speed.SCHEMA}/{ab_speed.VERSION}",
+                          *([gguf] if gguf else []),
                           *([heal_key] if healed_in_ab else [])) if "speed" in recipe.evaluate.parts else None
     need_ab = ab_key is not None and not folder.done("speed_ab", ab_key)
     need_healed = bool(recipe.heal) and not (
@@ -299,7 +302,7 @@ def run(recipe: Recipe, out_dir: str | Path, baseline_cache: str | Path | None =
         original.release()
         healed = (evaluated("eval_healed", healed_key, "healed", f"{recipe.name}, healed"), record)
         if speed_ab and healed_label not in speed_ab["per_model"]:
-            speed_ab = shared_timing(speed_ab, healed_label, recipe.name, _same_shapes(record))
+            speed_ab = ab_speed.shared_timing(speed_ab, healed_label, recipe.name, _same_shapes(record))
     else:
         _remove_heal_work(folder.root)
     original.release()

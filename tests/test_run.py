@@ -4,6 +4,7 @@ import pytest
 from tiny import save_tiny
 
 import mi_opt.evaluate
+from mi_opt.evaluate import ab_speed
 from mi_opt.cli import main
 from mi_opt.recipe import recipe_from_dict
 from mi_opt.run import run
@@ -26,7 +27,7 @@ def _recipe(folder, name="t", parts=("perplexity", "speed"), seed=0, planner=Non
                      "tasks": ["miopt_arithmetic"], "speed": {"repetitions": 1, "prompt_len": 8, "new_tokens": 4}}})
 
 
-def test_full_run_writes_every_stage_and_a_report(tiny_folder, tmp_path):
+def test_full_run_writes_every_stage_and_a_report(tiny_folder, tmp_path, monkeypatch):
     result = run(_recipe(tiny_folder, parts=("perplexity", "tasks", "speed")), tmp_path / "t", progress=False)
     assert result.stages_run == ["profile", "plan", "eval_original", "eval_compressed", "speed_ab", "export"]
     ab = json.loads((result.folder / "speed_ab.json").read_text())
@@ -44,6 +45,11 @@ def test_full_run_writes_every_stage_and_a_report(tiny_folder, tmp_path):
     assert compressed["speed"]["parameters"] < original["speed"]["parameters"]
     again = run(_recipe(tiny_folder, parts=("perplexity", "tasks", "speed")), tmp_path / "t", progress=False)
     assert again.stages_run == [] and "profile" in again.stages_reused
+    # a timing recorded by another version of the A/B artifact is measured again, nothing else
+    monkeypatch.setattr(ab_speed, "VERSION", ab_speed.VERSION + 1)
+    newer = run(_recipe(tiny_folder, parts=("perplexity", "tasks", "speed")), tmp_path / "t", progress=False)
+    assert newer.stages_run == ["speed_ab"]
+    assert json.loads((result.folder / "speed_ab.json").read_text())["version"] == ab_speed.VERSION
 
 
 def test_resume_after_a_crash_between_stages(tiny_folder, tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from mi_opt.evaluate.speed import (TIMING_KEYS, forward_kwargs, median_spread, s
                                    timed_generation, timing_summaries)
 
 SCHEMA = "mi-opt/speed-ab"
-VERSION = 1
+VERSION = 2  # 2: other processes' CPU share, every timed part's spread, kernel limits from measurements
 # Ratio rows: metric -> (name of the ratio, True when a larger raw value is faster).
 TIMED_PARTS = ("prefill", "time to first token", "decode")  # the order of timed_generation's results
 RATIOS = {"prefill_ms": ("prefill speedup", False), "ttft_ms": ("time to first token speedup", False),
