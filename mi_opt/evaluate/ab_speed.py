@@ -39,7 +39,7 @@ from mi_opt.evaluate.speed import (TIMING_KEYS, forward_kwargs, median_spread, s
                                    timed_generation, timing_summaries)
 
 SCHEMA = "mi-opt/speed-ab"
-VERSION = 2  # 2: other processes' CPU share, every timed part's spread, kernel limits from measurements
+VERSION = 3  # 2: other processes' CPU share, kernel limits from measurements; 3: judged by ratio spreads
 # Ratio rows: metric -> (name of the ratio, True when a larger raw value is faster).
 TIMED_PARTS = ("prefill", "time to first token", "decode")  # the order of timed_generation's results
 RATIOS = {"prefill_ms": ("prefill speedup", False), "ttft_ms": ("time to first token speedup", False),
@@ -196,13 +196,17 @@ def kernel_drift(before: list[float], after: list[float]) -> float:
 def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
                          model_times: dict[str, list[float] | dict[str, list[float]]],
                          load: tuple[float, int] | None = None, limits: Reliability | None = None,
-                         cpu: CpuShares | None = None) -> list[str]:
+                         cpu: CpuShares | None = None,
+                         ratios: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
     """Sentences saying why these timings are unreliable; none when they look trustworthy.
 
     kernel_before / kernel_after: calibration kernel seconds per rep; model_times: label -> seconds
     of each round, per part timed ({"prefill": [...], "decode": [...]}; a bare list is decode);
     load: (1-minute load average, CPU count) after the rounds; cpu: who used the CPUs during the
-    rounds.
+    rounds; ratios: label -> part -> per-round speedups against a baseline timed in the same
+    rounds. With ratios, it is their spread that judges the timing: a machine whose speed moves
+    between rounds moves both models of a round, and the ratio holds (spread_notes says so in
+    words); without, each model's own times are judged.
     """
     limits = limits or Reliability()
     out = []
@@ -221,19 +225,33 @@ def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
     if spread > limits.kernel_spread_limit:
         out.append(f"the calibration kernel's own times vary by {spread:.0%} (interquartile range / median): "
                    "other work is competing for this machine")
-    for label, parts in model_times.items():
-        for part, times in (parts if isinstance(parts, dict) else {"decode": parts}).items():
-            s = _spread(times)
+    if ratios is None:
+        out += spread_notes(model_times, limits)
+    for label, parts in (ratios or {}).items():
+        for part, per_round in parts.items():
+            s = _spread(per_round)
             if s > limits.spread_limit:
-                out.append(f"{label}'s {part} times vary by {s:.0%} across rounds")
+                out.append(f"{label}'s {part} speedup varies by {s:.0%} across rounds")
     if load is not None and load[0] > load[1] + limits.load_margin:
         out.append(f"the load average was {load[0]:.1f} on {load[1]} CPUs: other processes were running")
     return out
 
 
-def _ratio(base: list[float], other: list[float], higher_is_faster: bool) -> dict:
-    per_round = [(o / b if higher_is_faster else b / o) for b, o in zip(base, other)]
-    return median_spread(per_round)
+def spread_notes(model_times: dict[str, list[float] | dict[str, list[float]]],
+                 limits: Reliability | None = None) -> list[str]:
+    """One sentence per model and part whose times vary across rounds beyond the spread limit."""
+    limits = limits or Reliability()
+    out = []
+    for label, parts in model_times.items():
+        for part, times in (parts if isinstance(parts, dict) else {"decode": parts}).items():
+            s = _spread(times)
+            if s > limits.spread_limit:
+                out.append(f"{label}'s {part} times vary by {s:.0%} across rounds")
+    return out
+
+
+def _per_round_ratios(base: list[float], other: list[float], higher_is_faster: bool) -> list[float]:
+    return [(o / b if higher_is_faster else b / o) for b, o in zip(base, other)]
 
 
 def measure_ab(models: dict[str, nn.Module | object], config: SpeedConfig | None = None,
@@ -295,12 +313,17 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
     per_model = {label: timing_summaries(runs[label], config) for label in labels}
     raw = {label: {key: [_per_round(t, key, config) for t in runs[label]] for key in TIMING_KEYS} for label in labels}
     base = labels[0]
-    ratios = {label: {key: _ratio(raw[base][key], raw[label][key], RATIOS[key][1]) for key in TIMING_KEYS}
-              for label in labels[1:]}
+    per_round = {label: {key: _per_round_ratios(raw[base][key], raw[label][key], RATIOS[key][1])
+                         for key in TIMING_KEYS} for label in labels[1:]}
+    ratios = {label: {key: median_spread(v) for key, v in keys.items()} for label, keys in per_round.items()}
     # Every part timed: a prefill of a few hundred ms moves with the machine's speed steps more
     # than 31 decode steps do.
     parts = {lb: {part: [t[i] for t in runs[lb]] for i, part in enumerate(TIMED_PARTS)} for lb in labels}
-    warnings = reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu)
+    judged = {label: {part: keys[key] for part, key in zip(TIMED_PARTS, ("prefill_ms", "ttft_ms",
+                                                                          "decode_tokens_per_s"))}
+              for label, keys in per_round.items()} if len(labels) > 1 else None
+    warnings = reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu, judged)
+    notes = spread_notes(parts, limits) if judged else []
     return {"schema": SCHEMA, "version": VERSION, "labels": labels, "baseline": base, "rounds": len(order),
             "warmup": config.warmup, "order": order, "threads": torch.get_num_threads(), "device": device,
             "settings": {"batch_size": config.batch_size, "prompt_len": config.prompt_len,
@@ -310,7 +333,7 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
                                       "after": median_spread([t * 1e3 for t in kernel_after])},
             "load_average": load[0] if load else None, "cpus": load[1] if load else None,
             "cpu_shares": asdict(cpu) if cpu else None,
-            "reliable": not warnings, "warnings": warnings, "created": now()}
+            "reliable": not warnings, "warnings": warnings, "spread_notes": notes, "created": now()}
 
 
 def _per_round(timing: tuple[float, float, float], key: str, config: SpeedConfig) -> float:
@@ -354,6 +377,14 @@ def summary_lines(ab: dict) -> list[str]:
     for label, shared in ab.get("shared", {}).items():
         lines.append(f"{label} has {shared['why']}: it shares {shared['like']}'s shapes and speed, and shows "
                      f"{shared['like']}'s timing from these rounds.")
+    if ab.get("spread_notes"):
+        cpu = ab.get("cpu_shares")
+        idle = bool(cpu) and cpu["others"] <= Reliability().others_limit
+        lines.append("Raw times moved between rounds (" + "; ".join(ab["spread_notes"]) + ")"
+                     + (f", with other processes at {cpu['others']:.0%} of the CPU time: this "
+                        "machine's own speed varied" if idle else "")
+                     + ". Each round times every model, so the speedups, per-round ratios, hold within the "
+                     "ranges shown.")
     warning = warning_line(ab)
     return lines + ([warning] if warning else [])
 
@@ -376,12 +407,17 @@ def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
         return None
     first = next(iter(runs.values()))
     merged = {**first, "labels": [base_label, *runs], "baseline": base_label,
-              "per_model": {base_label: first["per_model"][first["baseline"]]}, "vs_baseline": {}, "warnings": []}
+              "per_model": {base_label: first["per_model"][first["baseline"]]}, "vs_baseline": {}, "warnings": [],
+              "spread_notes": []}
     for label, ab in runs.items():
         model = ab["labels"][1]
         merged["per_model"][label] = ab["per_model"][model]
         merged["vs_baseline"][label] = ab["vs_baseline"][model]
         merged["warnings"] += [f"{label}: {w}" for w in ab["warnings"]]
+        merged["spread_notes"] += [f"{label}: {n}" for n in ab.get("spread_notes", [])]
     merged["reliable"] = not merged["warnings"]
+    # the busiest run's shares: "the machine was otherwise idle" must hold for every run
+    shares_seen = [ab["cpu_shares"] for ab in runs.values() if ab.get("cpu_shares")]
+    merged["cpu_shares"] = max(shares_seen, key=lambda c: c["others"]) if len(shares_seen) == len(runs) else None
     merged["merged_from"] = list(runs)
     return merged
