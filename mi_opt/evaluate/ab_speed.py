@@ -39,7 +39,9 @@ from mi_opt.evaluate.speed import (TIMING_KEYS, forward_kwargs, median_spread, s
                                    timed_generation, timing_summaries)
 
 SCHEMA = "mi-opt/speed-ab"
-VERSION = 3  # 2: other processes' CPU share, kernel limits from measurements; 3: judged by ratio spreads
+# 2: other processes' CPU share, kernel limits from measurements; 3: judged by ratio spreads;
+# 4: a machine verdict and each speedup's own (machine_reliable, unsteady), row by row in compare
+VERSION = 4
 # Ratio rows: metric -> (name of the ratio, True when a larger raw value is faster).
 TIMED_PARTS = ("prefill", "time to first token", "decode")  # the order of timed_generation's results
 RATIOS = {"prefill_ms": ("prefill speedup", False), "ttft_ms": ("time to first token speedup", False),
@@ -203,8 +205,8 @@ def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
     kernel_before / kernel_after: calibration kernel seconds per rep; model_times: label -> seconds
     of each round, per part timed ({"prefill": [...], "decode": [...]}; a bare list is decode);
     load: (1-minute load average, CPU count) after the rounds; cpu: who used the CPUs during the
-    rounds; ratios: label -> part -> per-round speedups against a baseline timed in the same
-    rounds. With ratios, it is their spread that judges the timing: a machine whose speed moves
+    rounds; ratios: label -> timing key -> per-round speedups against a baseline timed in the
+    same rounds. With ratios, it is their spread that judges the timing: a machine whose speed moves
     between rounds moves both models of a round, and the ratio holds (spread_notes says so in
     words); without, each model's own times are judged.
     """
@@ -227,13 +229,26 @@ def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
                    "other work is competing for this machine")
     if ratios is None:
         out += spread_notes(model_times, limits)
-    for label, parts in (ratios or {}).items():
-        for part, per_round in parts.items():
-            s = _spread(per_round)
-            if s > limits.spread_limit:
-                out.append(f"{label}'s {part} speedup varies by {s:.0%} across rounds")
+    out += [sentence for keys in unsteady_speedups(ratios or {}, limits).values() for sentence in keys.values()]
     if load is not None and load[0] > load[1] + limits.load_margin:
         out.append(f"the load average was {load[0]:.1f} on {load[1]} CPUs: other processes were running")
+    return out
+
+
+def unsteady_speedups(ratios: dict[str, dict[str, list[float]]], limits: Reliability | None = None
+                      ) -> dict[str, dict[str, str]]:
+    """label -> timing key -> a sentence, for each speedup whose per-round ratios vary beyond the
+    spread limit. Decode's two keys (tokens/s, ms/token) are one ratio: judged once, marked both."""
+    limits = limits or Reliability()
+    out = {}
+    for label, keys in ratios.items():
+        for key, per_round in keys.items():
+            s = _spread(per_round)
+            if key != "decode_ms_per_token" and s > limits.spread_limit:
+                flagged = out.setdefault(label, {})
+                flagged[key] = f"{label}'s {RATIOS[key][0]} varies by {s:.0%} across rounds"
+                if key == "decode_tokens_per_s":
+                    flagged["decode_ms_per_token"] = flagged[key]
     return out
 
 
@@ -319,11 +334,13 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
     # Every part timed: a prefill of a few hundred ms moves with the machine's speed steps more
     # than 31 decode steps do.
     parts = {lb: {part: [t[i] for t in runs[lb]] for i, part in enumerate(TIMED_PARTS)} for lb in labels}
-    judged = {label: {part: keys[key] for part, key in zip(TIMED_PARTS, ("prefill_ms", "ttft_ms",
-                                                                          "decode_tokens_per_s"))}
-              for label, keys in per_round.items()} if len(labels) > 1 else None
-    warnings = reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu, judged)
-    notes = spread_notes(parts, limits) if judged else []
+    # A/B (a baseline in the rounds): the machine's checks hold for every row, a speedup's own
+    # spread for its row only (compare withholds significance row by row).
+    ab = len(labels) > 1
+    machine = reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu, {} if ab else None)
+    unsteady = unsteady_speedups(per_round, limits)
+    warnings = machine + [sentence for keys in unsteady.values() for sentence in dict.fromkeys(keys.values())]
+    notes = spread_notes(parts, limits) if ab else []
     return {"schema": SCHEMA, "version": VERSION, "labels": labels, "baseline": base, "rounds": len(order),
             "warmup": config.warmup, "order": order, "threads": torch.get_num_threads(), "device": device,
             "settings": {"batch_size": config.batch_size, "prompt_len": config.prompt_len,
@@ -333,7 +350,9 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
                                       "after": median_spread([t * 1e3 for t in kernel_after])},
             "load_average": load[0] if load else None, "cpus": load[1] if load else None,
             "cpu_shares": asdict(cpu) if cpu else None,
-            "reliable": not warnings, "warnings": warnings, "spread_notes": notes, "created": now()}
+            "reliable": not warnings, "warnings": warnings, "machine_reliable": not machine,
+            "unsteady": {label: sorted(keys) for label, keys in unsteady.items()}, "spread_notes": notes,
+            "created": now()}
 
 
 def _per_round(timing: tuple[float, float, float], key: str, config: SpeedConfig) -> float:
@@ -393,8 +412,14 @@ def warning_line(ab: dict) -> str | None:
     """The reliability warning as one sentence, or None when the timing looks sound."""
     if not ab["warnings"]:
         return None
-    return ("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
-            "before trusting the speed rows.")
+    if not ab.get("machine_reliable", False):
+        return ("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
+                "before trusting the speed rows.")
+    cpu = ab.get("cpu_shares")
+    idle = f" (other processes took {cpu['others']:.0%} of the CPU time)" if cpu else ""
+    return ("**Some speedups unsteady:** " + "; ".join(ab["warnings"]) + f". No check found the machine busy{idle}: "
+            "this is its own speed moving between runs. Those rows get no significance mark; more rounds "
+            "(`evaluate.speed.repetitions`) narrow their ranges.")
 
 
 def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
@@ -416,6 +441,14 @@ def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
         merged["warnings"] += [f"{label}: {w}" for w in ab["warnings"]]
         merged["spread_notes"] += [f"{label}: {n}" for n in ab.get("spread_notes", [])]
     merged["reliable"] = not merged["warnings"]
+    # Row by row, each label is judged by its own run: a busy machine during one run withholds
+    # that label's significance only. Runs from before version 3 leave the whole-table verdict.
+    merged.pop("machine_reliable", None)
+    merged.pop("unsteady", None)
+    if all("unsteady" in ab for ab in runs.values()):
+        merged["machine_reliable"] = True
+        merged["unsteady"] = {label: list(TIMING_KEYS) if not ab["machine_reliable"]
+                              else ab["unsteady"].get(ab["labels"][1], []) for label, ab in runs.items()}
     # the busiest run's shares: "the machine was otherwise idle" must hold for every run
     shares_seen = [ab["cpu_shares"] for ab in runs.values() if ab.get("cpu_shares")]
     merged["cpu_shares"] = max(shares_seen, key=lambda c: c["others"]) if len(shares_seen) == len(runs) else None

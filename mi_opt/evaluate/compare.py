@@ -99,10 +99,14 @@ def _ab_change(ab: dict, label: str, key: str) -> dict:
     ratio = ab["vs_baseline"].get(label, {}).get(key)
     if ratio is None:
         return {"reason": "not in the A/B timing"}
-    # A speedup counts only when a reliable timing's interquartile range of ratios excludes 1.
-    significant = bool(ab["reliable"] and (ratio["q1"] > 1 or ratio["q3"] < 1))
+    # A speedup counts only when its interquartile range of ratios excludes 1, on a machine no check
+    # found busy, with its own ratios steady across rounds (artifacts before version 3: the whole
+    # timing's verdict).
+    reliable = ab["machine_reliable"] and key not in ab["unsteady"].get(label, ()) if "unsteady" in ab \
+        else ab["reliable"]
+    significant = bool(reliable and (ratio["q1"] > 1 or ratio["q3"] < 1))
     return {"change": ratio["median"], "interval": [ratio["q1"], ratio["q3"]], "significant": significant,
-            "test": "median and IQR of per-round ratios, interleaved A/B", "reliable": ab["reliable"]}
+            "test": "median and IQR of per-round ratios, interleaved A/B", "reliable": reliable}
 
 
 def metrics_table(results: list[EvalResult], labels: list[str] | None = None, speed_ab: dict | None = None

@@ -124,7 +124,16 @@ def test_speedups_are_per_round_ratios():
     flagged = ab_result(["orig", "small"], slow_prefill, [["orig", "small"]] * 5, config, STEADY, STEADY)
     # per-round ratios 2, 1, 1, 2, 2: quartiles 1 and 2 about a median of 2
     assert flagged["warnings"] == ["small's prefill speedup varies by 50% across rounds"]
+    from mi_opt.evaluate.ab_speed import warning_line
+
+    assert warning_line(flagged).startswith("**Some speedups unsteady:**") and "Rerun" not in warning_line(flagged)
     assert "small's prefill times vary" in " ".join(flagged["spread_notes"])
+    # the unsteady row loses its *, the steady decode row keeps it
+    comp = Comparison(["orig", "small"], [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in range(2)],
+                      speed_ab=flagged)
+    rows = {m.name: m for m in comp.rows}
+    assert rows["prefill ms"].change(1)["significant"] is False
+    assert rows["decode tokens/s"].change(1)["significant"] is True
 
 
 def test_measure_ab_on_tiny_models():
@@ -202,3 +211,26 @@ def test_the_kernel_is_sized_to_tens_of_milliseconds_and_times_the_same_work_twi
     assert len(times) == 5 and all(t > 0 for t in times)
     assert len(kernel.times(reps=3, warmup=1, warmup_s=0.05)) == 3   # a timed warm-up adds no timed reps
     assert CalibrationKernel.sized(target_s=0.001).steps >= 1
+
+
+def test_merged_runs_are_judged_label_by_label():
+    from mi_opt.evaluate.ab_speed import merge_runs
+    from mi_opt.evaluate.cpu_load import CpuShares
+
+    config = SpeedConfig(new_tokens=3, repetitions=3, warmup=0)
+    runs = {"orig": [(0.2, 0.2, 0.4)] * 3, "small": [(0.1, 0.1, 0.2)] * 3}
+    quiet = ab_result(["orig", "small"], runs, [["orig", "small"]] * 3, config, STEADY, STEADY)
+    busy = ab_result(["orig", "small"], runs, [["orig", "small"]] * 3, config, STEADY, STEADY,
+                     cpu=CpuShares(others=0.4, steal=0.0, own=0.6))
+    merged = merge_runs("original", {"a": quiet, "b": busy})
+    assert merged["labels"] == ["original", "a", "b"] and not merged["reliable"]
+    assert merged["warnings"] == ["b: other processes used 40% of the machine's CPU time while models were timed"]
+    speed = {"prefill_ms": {"median": 1.0}, "ttft_ms": {"median": 1.0}, "decode_tokens_per_s": {"median": 1.0},
+             "decode_ms_per_token": {"median": 1.0}, "size_bytes": 1, "size_kind": "memory"}
+    comp = Comparison(["original", "a", "b"], [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in range(3)],
+                      speed_ab=merged)
+    decode = {m.name: m for m in comp.rows}["decode tokens/s"]
+    assert decode.change(1)["significant"] is True and decode.change(2)["significant"] is False
+    # runs recorded before row-by-row verdicts: the whole table's verdict
+    old = {k: v for k, v in quiet.items() if k not in ("machine_reliable", "unsteady")}
+    assert "unsteady" not in merge_runs("original", {"a": old, "b": busy})
