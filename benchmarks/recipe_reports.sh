@@ -3,7 +3,7 @@
 #   bash benchmarks/recipe_reports.sh              # the six recipes that share one evaluation
 #   bash benchmarks/recipe_reports.sh --quickstart # the quickstart (recipes/default.yaml) alone
 # The six (every item of the five tasks) are compared in one table (reports/recipes/comparison/);
-# about 2.5 hours on 2 cores. The quickstart has its own quicker evaluation (24 items per task),
+# about 65 minutes on 2 cores. The quickstart has its own quicker evaluation (24 items per task),
 # so it is reported by its own run (about 10 minutes). Rerun the same command after an
 # interruption: finished stages, and finished tasks inside an evaluation, are reused from runs/.
 # Run nothing else meanwhile: each report's speed rows come from A/B rounds that say when other

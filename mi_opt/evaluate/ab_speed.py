@@ -380,9 +380,12 @@ def shared_timing(ab: dict, label: str, like: str, why: str) -> dict:
     why: what makes them alike, in words (the report says it)."""
     if like not in ab["per_model"] or like == ab["baseline"]:
         raise MiOptError(f"{label} can share the timing of a timed model other than the baseline, not {like!r}")
-    return {**ab, "per_model": {**ab["per_model"], label: ab["per_model"][like]},
-            "vs_baseline": {**ab["vs_baseline"], label: ab["vs_baseline"][like]},
-            "shared": {**ab.get("shared", {}), label: {"like": like, "why": why}}}
+    shared = {**ab, "per_model": {**ab["per_model"], label: ab["per_model"][like]},
+              "vs_baseline": {**ab["vs_baseline"], label: ab["vs_baseline"][like]},
+              "shared": {**ab.get("shared", {}), label: {"like": like, "why": why}}}
+    if "unsteady" in ab:  # the same rounds' figures, so the same verdict on each of them
+        shared["unsteady"] = {**ab["unsteady"], label: ab["unsteady"].get(like, [])}
+    return shared
 
 
 def summary_lines(ab: dict) -> list[str]:

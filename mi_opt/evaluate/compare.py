@@ -204,7 +204,8 @@ class Comparison:
                  "over windows); a change without * is within the noise"]
         if self.speed_ab:
             notes.append("speed rows: [low, high] = interquartile range over rounds; * = the per-round ratios' "
-                         "IQR excludes x1.00 and the timing was reliable")
+                         "IQR excludes x1.00, no check found the machine busy, and that speedup was steady "
+                         "across rounds")
         unpaired = sorted({c["reason"] for m in self.rows for c in (m.changes or []) if c and "reason" in c})
         if unpaired:
             notes.append(f"no paired test for some rows: {'; '.join(unpaired)}")

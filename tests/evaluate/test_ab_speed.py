@@ -234,3 +234,20 @@ def test_merged_runs_are_judged_label_by_label():
     # runs recorded before row-by-row verdicts: the whole table's verdict
     old = {k: v for k, v in quiet.items() if k not in ("machine_reliable", "unsteady")}
     assert "unsteady" not in merge_runs("original", {"a": old, "b": busy})
+
+
+def test_a_model_sharing_another_s_timing_shares_its_verdicts():
+    from mi_opt.evaluate.ab_speed import shared_timing
+
+    config = SpeedConfig(new_tokens=3, repetitions=5, warmup=0)
+    runs = {"orig": [(0.2, 0.2, 0.4)] * 5,
+            "small": [(0.1 * (2.0 if i in (1, 2) else 1.0), 0.1, 0.2) for i in range(5)]}
+    ab = ab_result(["orig", "small"], runs, [["orig", "small"]] * 5, config, STEADY, STEADY)
+    healed = shared_timing(ab, "small healed", "small", "the same shapes")
+    assert healed["unsteady"]["small healed"] == healed["unsteady"]["small"] == ["prefill_ms"]
+    speed = {"prefill_ms": {"median": 1.0}, "ttft_ms": {"median": 1.0}, "decode_tokens_per_s": {"median": 1.0},
+             "decode_ms_per_token": {"median": 1.0}, "size_bytes": 1, "size_kind": "memory"}
+    labels = ["orig", "small", "small healed"]
+    comp = Comparison(labels, [EvalResult(model={}, settings={}, speed=dict(speed)) for _ in labels], speed_ab=healed)
+    prefill = {m.name: m for m in comp.rows}["prefill ms"]
+    assert prefill.change(1)["significant"] is False and prefill.change(2)["significant"] is False
