@@ -351,6 +351,7 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
             "load_average": load[0] if load else None, "cpus": load[1] if load else None,
             "cpu_shares": asdict(cpu) if cpu else None,
             "reliable": not warnings, "warnings": warnings, "machine_reliable": not machine,
+            "machine_warnings": machine,
             "unsteady": {label: sorted(keys) for label, keys in unsteady.items()}, "spread_notes": notes,
             "created": now()}
 
@@ -415,7 +416,7 @@ def warning_line(ab: dict) -> str | None:
     """The reliability warning as one sentence, or None when the timing looks sound."""
     if not ab["warnings"]:
         return None
-    if not ab.get("machine_reliable", False):
+    if _machine_busy(ab):
         return ("**Timing unreliable:** " + "; ".join(ab["warnings"]) + ". Rerun on an idle machine "
                 "before trusting the speed rows.")
     cpu = ab.get("cpu_shares")
@@ -423,6 +424,13 @@ def warning_line(ab: dict) -> str | None:
     return ("**Some speedups unsteady:** " + "; ".join(ab["warnings"]) + f". No check found the machine busy{idle}: "
             "this is its own speed moving between runs. Those rows get no significance mark; more rounds "
             "(`evaluate.speed.repetitions`) narrow their ranges.")
+
+
+def _machine_busy(ab: dict) -> bool:
+    """Whether a machine check fired; artifacts before the separate verdicts count every warning."""
+    if "machine_warnings" in ab:
+        return bool(ab["machine_warnings"])
+    return not ab["machine_reliable"] if "machine_reliable" in ab else bool(ab["warnings"])
 
 
 def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
@@ -445,11 +453,12 @@ def merge_runs(base_label: str, runs: dict[str, dict]) -> dict | None:
         merged["spread_notes"] += [f"{label}: {n}" for n in ab.get("spread_notes", [])]
     merged["reliable"] = not merged["warnings"]
     # Row by row, each label is judged by its own run: a busy machine during one run withholds
-    # that label's significance only. Runs from before version 3 leave the whole-table verdict.
-    merged.pop("machine_reliable", None)
-    merged.pop("unsteady", None)
+    # that label's significance only. Runs from before version 4 leave the whole-table verdict.
+    for key in ("machine_reliable", "machine_warnings", "unsteady"):
+        merged.pop(key, None)
     if all("unsteady" in ab for ab in runs.values()):
         merged["machine_reliable"] = True
+        merged["machine_warnings"] = [f"{label}: {w}" for label, ab in runs.items() for w in ab["machine_warnings"]]
         merged["unsteady"] = {label: list(TIMING_KEYS) if not ab["machine_reliable"]
                               else ab["unsteady"].get(ab["labels"][1], []) for label, ab in runs.items()}
     # the busiest run's shares: "the machine was otherwise idle" must hold for every run

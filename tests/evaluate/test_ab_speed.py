@@ -231,6 +231,9 @@ def test_merged_runs_are_judged_label_by_label():
                       speed_ab=merged)
     decode = {m.name: m for m in comp.rows}["decode tokens/s"]
     assert decode.change(1)["significant"] is True and decode.change(2)["significant"] is False
+    from mi_opt.evaluate.ab_speed import warning_line
+
+    assert warning_line(merged).startswith("**Timing unreliable:**")   # one run's machine was busy
     # runs recorded before row-by-row verdicts: the whole table's verdict
     old = {k: v for k, v in quiet.items() if k not in ("machine_reliable", "unsteady")}
     assert "unsteady" not in merge_runs("original", {"a": old, "b": busy})
