@@ -195,20 +195,12 @@ def kernel_drift(before: list[float], after: list[float]) -> float:
     return a["median"] / b["median"] - 1 if a["median"] >= b["median"] else -(b["median"] / a["median"] - 1)
 
 
-def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
-                         model_times: dict[str, list[float] | dict[str, list[float]]],
-                         load: tuple[float, int] | None = None, limits: Reliability | None = None,
-                         cpu: CpuShares | None = None,
-                         ratios: dict[str, dict[str, list[float]]] | None = None) -> list[str]:
-    """Sentences saying why these timings are unreliable; none when they look trustworthy.
+def machine_warnings(kernel_before: list[float], kernel_after: list[float], load: tuple[float, int] | None = None,
+                     limits: Reliability | None = None, cpu: CpuShares | None = None) -> list[str]:
+    """Sentences saying why the machine was not fit for timing; none when no check fired.
 
-    kernel_before / kernel_after: calibration kernel seconds per rep; model_times: label -> seconds
-    of each round, per part timed ({"prefill": [...], "decode": [...]}; a bare list is decode);
-    load: (1-minute load average, CPU count) after the rounds; cpu: who used the CPUs during the
-    rounds; ratios: label -> timing key -> per-round speedups against a baseline timed in the
-    same rounds. With ratios, it is their spread that judges the timing: a machine whose speed moves
-    between rounds moves both models of a round, and the ratio holds (spread_notes says so in
-    words); without, each model's own times are judged.
+    kernel_before / kernel_after: calibration kernel seconds per rep; load: (1-minute load average,
+    CPU count) after the rounds; cpu: who used the CPUs during the rounds.
     """
     limits = limits or Reliability()
     out = []
@@ -227,12 +219,20 @@ def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
     if spread > limits.kernel_spread_limit:
         out.append(f"the calibration kernel's own times vary by {spread:.0%} (interquartile range / median): "
                    "other work is competing for this machine")
-    if ratios is None:
-        out += spread_notes(model_times, limits)
-    out += [sentence for keys in unsteady_speedups(ratios or {}, limits).values() for sentence in keys.values()]
     if load is not None and load[0] > load[1] + limits.load_margin:
         out.append(f"the load average was {load[0]:.1f} on {load[1]} CPUs: other processes were running")
     return out
+
+
+def reliability_warnings(kernel_before: list[float], kernel_after: list[float],
+                         model_times: dict[str, list[float] | dict[str, list[float]]],
+                         load: tuple[float, int] | None = None, limits: Reliability | None = None,
+                         cpu: CpuShares | None = None) -> list[str]:
+    """Why timings without a baseline in their rounds are unreliable: the machine's checks, and
+    each model's own times varying across rounds (model_times: label -> seconds of each round, per
+    part timed, {"prefill": [...], "decode": [...]}; a bare list is decode). An A/B with a
+    baseline judges its speedups by their per-round ratios instead (ab_result)."""
+    return machine_warnings(kernel_before, kernel_after, load, limits, cpu) + spread_notes(model_times, limits)
 
 
 def unsteady_speedups(ratios: dict[str, dict[str, list[float]]], limits: Reliability | None = None
@@ -337,7 +337,8 @@ def ab_result(labels: list[str], runs: dict[str, list[tuple[float, float, float]
     # A/B (a baseline in the rounds): the machine's checks hold for every row, a speedup's own
     # spread for its row only (compare withholds significance row by row).
     ab = len(labels) > 1
-    machine = reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu, {} if ab else None)
+    machine = machine_warnings(kernel_before, kernel_after, load, limits, cpu) if ab else \
+        reliability_warnings(kernel_before, kernel_after, parts, load, limits, cpu)
     unsteady = unsteady_speedups(per_round, limits)
     warnings = machine + [sentence for keys in unsteady.values() for sentence in dict.fromkeys(keys.values())]
     notes = spread_notes(parts, limits) if ab else []
