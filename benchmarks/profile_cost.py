@@ -6,11 +6,15 @@
 Setting: SmolLM2-135M, fp32, CPU, 2 torch threads, 16 x 256 calibration tokens of the bundled
 handbook, 30 layers + 30 attention + 30 MLP + 270 head units, zero ablation.
 
-By default both engines score every unit (about 2 hours on 2 cores: 46 min fast, 87 naive) and
-their scores are compared unit by unit. Each engine's finished run is kept under
-~/.cache/mi-opt/profile_cost/, keyed by the setting and the source of the profiling code, so a
-session cut short resumes with the other engine, and a rerun with another
---ablations-per-forward reuses the naive loop. Run nothing else meanwhile: this is a wall-time
+By default both engines score every unit (about 2 hours on 2 cores: 40 min fast, 80 naive) and
+their scores are compared unit by unit. The engines take turns, one calibration batch at a time
+(fast on batch 1, naive on batch 1, fast on batch 2, ...): each batch is a complete profile of
+every unit, so the turns do the same work as two whole runs, and a slow or busy stretch of the
+machine falls on both engines instead of one. Around every turn the share of CPU time other
+processes took is read (mi_opt/evaluate/cpu_load.py) and reported. Each finished turn is kept
+under ~/.cache/mi-opt/profile_cost/, keyed by the setting and the source of the profiling code,
+so a session cut short resumes at the next turn, and a rerun with another
+--ablations-per-forward reuses the naive turns. Run nothing else meanwhile: this is a wall-time
 comparison.
 Writes reports/profile_cost.md and reports/profile_cost.json.
 """
@@ -27,6 +31,7 @@ import torch
 
 from mi_opt.artifacts import machine, versions, write_json
 from mi_opt.data import token_windows
+from mi_opt.evaluate import cpu_load
 from mi_opt.models import load_model
 from mi_opt.profile.ablation import AblationConfig, profile_ablation
 from mi_opt.units import parse_unit
@@ -60,21 +65,29 @@ def main() -> int:
     base = dict(unit_kinds=kinds, batch_size=args.batch_size)
 
     fast_cfg = AblationConfig(engine="fast", ablations_per_forward=args.ablations_per_forward, **base)
+    naive_cfg = AblationConfig(engine="naive", **base)
     all_units = [u for u in _units(model, kinds) if parse_unit(u).layer % args.layer_every == 0]
-    fast_cache, naive_cache = cache_paths(args)
-    fast_s, fast_scores, fast_cost = _timed_run(model, windows, fast_cfg, all_units, fast_cache)
     sample = all_units[::args.naive_every]
-    naive_sample_s, naive_scores, _ = _timed_run(model, windows, AblationConfig(engine="naive", **base), sample,
-                                                  naive_cache)
+    fast_cache, naive_cache = cache_paths(args)
+    fast, naive = [], []
+    for b, start in enumerate(range(0, len(windows), args.batch_size)):   # the engines take turns
+        batch = windows[start:start + args.batch_size]
+        fast.append(_timed_turn(model, batch, fast_cfg, all_units, fast_cache.with_suffix(f".batch{b}.json")))
+        naive.append(_timed_turn(model, batch, naive_cfg, sample, naive_cache.with_suffix(f".batch{b}.json")))
+    fast_s, naive_sample_s = sum(t["wall_s"] for t in fast), sum(t["wall_s"] for t in naive)
+    fast_scores, naive_scores = _mean_scores(fast), _mean_scores(naive)
     naive_s = naive_sample_s * len(all_units) / len(sample)
     max_diff = max(max(abs(naive_scores[k]["delta_loss"] - fast_scores[k]["delta_loss"]),
                        abs(naive_scores[k]["kl"] - fast_scores[k]["kl"])) for k in naive_scores)
     result = {
-        "schema": "mi-opt/benchmark-profile-cost", "version": 1, "command": " ".join(["python"] + sys.argv),
+        "schema": "mi-opt/benchmark-profile-cost", "version": 2, "command": " ".join(["python"] + sys.argv),
         "setting": {**vars(args), "units": len(all_units), "naive_units_timed": len(sample)},
         "fast_wall_s": round(fast_s, 1), "naive_wall_s": round(naive_s, 1),
         "naive_measured_wall_s": round(naive_sample_s, 1), "ratio_fast_over_naive": round(fast_s / naive_s, 3),
-        "fast_full_forward_equivalents": fast_cost.get("full_forward_equivalents"),
+        "fast_full_forward_equivalents": sum(t["cost"]["full_forward_equivalents"] for t in fast),
+        "turns": [{"batch": b, "fast_wall_s": round(f["wall_s"], 1), "naive_wall_s": round(n["wall_s"], 1),
+                   "fast_others_share": f.get("others_share"), "naive_others_share": n.get("others_share")}
+                  for b, (f, n) in enumerate(zip(fast, naive))],
         "max_abs_score_difference": max_diff, "machine": machine(), "versions": versions(),
     }
     write_json(REPORTS / "profile_cost.json", result)
@@ -93,22 +106,32 @@ def _key(*parts) -> str:
     """A finished run's cache name: the setting (the naive loop's leaves out what only the fast
     engine reads) and the source of the code that runs, so commits elsewhere keep it valid."""
     sources = [ROOT / "mi_opt" / "profile" / f for f in ("ablation.py", "engine.py", "interventions.py")]
+    sources.append(ROOT / "mi_opt" / "hooks.py")
     text = json.dumps([parts, [f.read_text() for f in sources], versions().get("torch")], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _timed_run(model, windows, config: AblationConfig, units: list[str], cache: Path) -> tuple[float, dict, dict]:
-    """Wall seconds, scores and cost of one engine on `units`; read from `cache` when that run finished before."""
+def _timed_turn(model, batch: torch.Tensor, config: AblationConfig, units: list[str], cache: Path) -> dict:
+    """Wall seconds, per-unit scores, cost and others' CPU share of one engine on one calibration
+    batch; read from `cache` when that turn finished before."""
     if cache.exists():
         kept = json.loads(cache.read_text())
-        print(f"{config.engine} engine: reusing the finished run in {cache} ({kept['wall_s']} s)")
-        return kept["wall_s"], kept["scores"], kept["cost"]
-    started = time.perf_counter()
-    profile = profile_ablation(model, windows, config, units=units)
+        print(f"{config.engine} engine: reusing the finished turn in {cache} ({kept['wall_s']:.1f} s)")
+        return kept
+    before, started = cpu_load.snapshot(), time.perf_counter()
+    profile = profile_ablation(model, batch, config, units=units)
     wall_s = time.perf_counter() - started
-    scores = {k: {"delta_loss": v.delta_loss, "kl": v.kl} for k, v in profile.scores.items()}
-    write_json(cache, {"wall_s": wall_s, "scores": scores, "cost": profile.cost})
-    return wall_s, scores, profile.cost
+    load = cpu_load.shares(before, cpu_load.snapshot())
+    turn = {"wall_s": wall_s, "cost": profile.cost, "others_share": round(load.others, 3) if load else None,
+            "scores": {k: {"delta_loss": v.delta_loss, "kl": v.kl} for k, v in profile.scores.items()}}
+    write_json(cache, turn)
+    return turn
+
+
+def _mean_scores(turns: list[dict]) -> dict[str, dict[str, float]]:
+    """Each unit's scores averaged over the batches: what one run over all windows reports."""
+    return {k: {m: sum(t["scores"][k][m] for t in turns) / len(turns) for m in ("delta_loss", "kl")}
+            for k in turns[0]["scores"]}
 
 
 def _units(model, kinds):
@@ -131,11 +154,26 @@ SmolLM2-135M, fp32, CPU ({r['machine']['cpu_count']} cores, {s['threads']} torch
 | engine | wall time (s) | note |
 |---|---|---|
 | naive (one full forward per unit) | {r['naive_wall_s']} | {_naive_note(r)} |
-| fast (cached residuals, {s['ablations_per_forward']} ablations per forward, folded KL) | {r['fast_wall_s']} | all {s['units']} units; {r['fast_full_forward_equivalents']:.0f} full-forward equivalents of decoder layers |
+| fast (cached residuals and attention outputs, {s['ablations_per_forward']} ablations per forward, folded KL over vocabulary blocks) | {r['fast_wall_s']} | all {s['units']} units; {r['fast_full_forward_equivalents']:.0f} full-forward equivalents of decoder layers |
 
 **Ratio fast / naive: {r['ratio_fast_over_naive']}** (target 0.5 or lower).
 Largest score difference between the engines on the timed units: {r['max_abs_score_difference']:.2e}.
+
+The engines took turns, one calibration batch each (a complete profile of every unit on that
+batch), so a slow stretch of the machine falls on both:
+
+| batch | fast (s) | naive (s) | ratio | CPU share of other processes (fast, naive) |
+|---|---|---|---|---|
+{_turn_rows(r)}
 """
+
+
+def _turn_rows(r: dict) -> str:
+    share = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    scale = r["setting"]["units"] / r["setting"]["naive_units_timed"]   # naive timed on a sample: scaled
+    return "\n".join(f"| {t['batch'] + 1} | {t['fast_wall_s']} | {t['naive_wall_s']} | "
+                     f"{t['fast_wall_s'] / (t['naive_wall_s'] * scale):.3f} | {share(t['fast_others_share'])}, "
+                     f"{share(t['naive_others_share'])} |" for t in r["turns"])
 
 
 def _naive_note(r: dict) -> str:

@@ -12,3 +12,15 @@ def test_hooks_are_removed_even_on_error():
             assert torch.count_nonzero(lin(torch.ones(1, 2))) == 0
             raise RuntimeError("boom")
     assert not lin._forward_hooks and not lin._forward_pre_hooks
+
+
+def test_replace_hook_stands_in_for_forward_and_is_removed_on_error():
+    lin = torch.nn.Linear(2, 2)
+    seen = []
+    with pytest.raises(RuntimeError):
+        with attached([Hook(lin, lambda x: torch.zeros(1, 2), kind="replace"),
+                       Hook(lin, lambda m, a, out: seen.append(out.sum().item()))]):
+            assert torch.count_nonzero(lin(torch.ones(1, 2))) == 0
+            raise RuntimeError("boom")
+    assert seen == [0.0]                       # the module's own hooks ran around the stand-in
+    assert "forward" not in lin.__dict__ and torch.count_nonzero(lin(torch.ones(1, 2))) > 0

@@ -92,7 +92,7 @@ def _fast(model, adapter, units, batches, config, means, bar) -> tuple[dict, flo
     base_losses, layer_rows = [], 0
     stride = cache_stride(adapter, batches[0], config.cache_budget_mb)
     for ids in batches:
-        inputs = LayerInputs.record(adapter, ids, stride)
+        inputs = LayerInputs.record(adapter, ids, stride, attention=config.cache_budget_mb is None)
         batch = ids.shape[0]
         clean = CleanReference(adapter, inputs.final, ids, config.logit_chunk_tokens)
         base_losses.append(clean.nll.mean().item())
