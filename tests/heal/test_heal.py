@@ -192,7 +192,8 @@ def test_a_quantized_plan_heals_through_adapters_and_stays_quantized(tokenizer, 
     widths = quantized_modules(student)
     with pytest.raises(MiOptError, match="cannot train quantized weights"):
         heal_(student, teacher, plan, HealConfig(train="all", **SMALL), tokenizer, progress=False)
-    record = heal_(student, teacher, plan, HealConfig(method="distill", train="localized", **{**SMALL, "lr": 1e-2}),
+    # lr 3e-3: 1e-2 overshot on one machine's kernels (KL 0.027 -> 0.079); 3e-3 gave 0.027 -> 0.022 there.
+    record = heal_(student, teacher, plan, HealConfig(method="distill", train="localized", **{**SMALL, "lr": 3e-3}),
                    tokenizer, progress=False)
     assert record.trained["kind"] == "lora" and len(record.trained["modules"]) == len(widths)
     assert record.kl_to_teacher["after"] < record.kl_to_teacher["before"]
