@@ -17,7 +17,8 @@ from mi_opt.plan import CompressionPlan
 from mi_opt.surgery import apply_
 from mi_opt.surgery.quantize import quantized_modules
 
-SMALL = dict(steps=4, batch_size=2, seq_len=16, save_steps=2, lr=1e-2, source="kjv", method="distill")
+# lr 3e-3: 1e-2 overshot on one machine's kernels (KL to the teacher rose 0.027 -> 0.112).
+SMALL = dict(steps=4, batch_size=2, seq_len=16, save_steps=2, lr=3e-3, source="kjv", method="distill")
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
