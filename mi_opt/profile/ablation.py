@@ -42,6 +42,8 @@ class AblationConfig:
     # fast engine: MiB allowed for the cached residual stream of one batch (None: no limit).
     # Over budget, only every s-th layer's input is kept and ablations rerun from the nearest
     # cached layer below: same scores, more compute, bounded memory for long contexts/big models.
+    # With no limit the heads' outputs of every layer are kept too (about as much again), so a
+    # replay skips recomputing the attention of the layer it starts at.
     cache_budget_mb: float | None = None
 
     def __post_init__(self):

@@ -228,6 +228,12 @@ def resident_params(module: torch.nn.Module) -> tuple[torch.Tensor | None, torch
 VOCAB_CHUNK = 2048
 
 
+def _whole_lse_and_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logsumexp and target entry of full-vocabulary logits."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse, logits.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+
+
 class CleanReference:
     """What scoring one batch needs from the clean run, without its full-vocabulary tensors.
 
@@ -272,7 +278,7 @@ class CleanReference:
 
         Each block is shifted by the clean run's logsumexp (`shift`) instead of its own maximum: a
         perturbed lse rarely moves far from the clean one, and the known shift spares logsumexp's
-        max and subtract passes over every block. Where it does move far enough for exp to
+        max pass and its temporary copy of every block (the shift is subtracted in place). Where it does move far enough for exp to
         overflow or underflow, those tokens are recomputed with per-block maxima."""
         head = self.adapter.lm_head()
         total, target_logit = torch.zeros(targets.shape, device=targets.device), torch.empty(targets.shape,
@@ -308,15 +314,13 @@ class CleanReference:
                 lse, target_logit = self._lse_and_target(normed.to(device), targets.to(device),
                                                          self.clean_lse[src].to(device))
             else:
-                logits = self.adapter.lm_head()(normed).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
-            lse, target_logit, p_dot_z = lse.to(targets.device), target_logit.to(targets.device), p_dot_z.to(targets.device)
+                lse, target_logit = _whole_lse_and_target(self.adapter.lm_head()(normed).float(), targets)
+            lse, target_logit = lse.to(targets.device), target_logit.to(targets.device)
+            p_dot_z = p_dot_z.to(targets.device)
         else:
             logits = self.adapter.logits(h).float()
             p_dot_z = (self.probs[src] * logits).sum(-1)
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            lse, target_logit = _whole_lse_and_target(logits, targets)
         nll = lse - target_logit
         kl = self.neg_entropy[src] - p_dot_z + self.mass[src] * lse
         return nll.mean(-1), kl.mean(-1)
