@@ -36,10 +36,9 @@ class AblationConfig:
     unit_kinds: tuple[str, ...] = DEFAULT_KINDS    # which units to score ("neurons" too: see neuron_group)
     batch_size: int = 4                    # calibration windows per forward; also the SE granularity
     neuron_group: int = NEURON_GROUP       # consecutive MLP neurons per "neurons" unit
-    # fast engine: ablations stacked along the batch dimension. 1, because on SmolLM2 (2 CPU cores)
-    # two ablations stacked on a 4 x 256 batch took ~10% longer than the same two replays in turn
-    # (3.05 s vs 2.75 s, medians of 6 interleaved rounds): 2048 rows of MLP activations fall out of
-    # cache. The full-profile effect is in reports/profile_cost.md. A GPU may gain from stacking.
+    # fast engine: ablations stacked along the batch dimension. 1: on SmolLM2 (2 CPU cores) two
+    # stacked took 1.05x the time of the same replays in turn (median of 5 interleaved rounds,
+    # 1.00-1.15x; benchmarks/stacking.py). A wider device (a GPU) may gain from stacking.
     ablations_per_forward: int = 1
     logit_chunk_tokens: int = 2048         # fast engine: tokens per chunk of the vocabulary projection
     engine: str = "fast"
