@@ -1,6 +1,6 @@
 """Which scorer picks the parts to remove best? Every scorer's plan, at equal budget, evaluated.
 
-    python benchmarks/scorers.py                  # full run (about 1.5 h on 2 CPU cores, resumable)
+    python benchmarks/scorers.py                  # full run (hours on 2 CPU cores: see below; resumable)
     python benchmarks/scorers.py --part layers    # only the layer-dropping half
     python benchmarks/scorers.py --render         # rewrite reports/scorers.md and plots from scorers.json
 
@@ -12,20 +12,31 @@ influence), its rank correlation with exact ablation, and the evaluation of the 
 plan produces: drop 4, 6, 8 of 30 layers (or the same parameters as attention/MLP
 sublayers), prune a quarter, a third, a half of the heads. Results are saved after every
 step: an interrupted run resumes where it stopped.
+
+Cost: since every item of every task is evaluated (about 970), each of the ~85 distinct plans
+takes one full evaluation, 2-7 minutes here (the recipe reports' evaluations of compressed
+models and of the original), so a full run is several sessions' worth. Methods and
+evaluations already in scorers.json are skipped; profiles and per-item results are kept under
+--cache (outside the work tree, so a machine that is kept keeps them).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from mi_opt.artifacts import machine, read_json, versions, write_json
 from mi_opt.data import token_windows
 from mi_opt.evaluate import EvalConfig, evaluate
+from mi_opt.evaluate.paired import perplexity_change, task_change
+from mi_opt.evaluate.result import EvalResult
+from mi_opt.evaluate.stats import mean_of_changes, mean_of_scores
 from mi_opt.models import load_model
 from mi_opt.policy import make_plan
 from mi_opt.policy.cost import ModelCost
@@ -41,6 +52,7 @@ from scorers_render import render  # noqa: E402
 from sublayers import sublayer_search, without_sublayers  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
+VERSION = 2  # 2: every evaluation carries intervals and its paired change from the original
 LAYER_BUDGETS = (4, 6, 8)
 HEAD_BUDGETS = (0.25, 1 / 3, 0.5)
 
@@ -61,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--render", action="store_true", help="only rewrite the report from scorers.json")
     p.add_argument("--note", action="append", default=[], help="a remark on how this run was made, kept in the report")
     p.add_argument("--out", type=Path, default=REPORTS)
-    p.add_argument("--cache", type=Path, default=Path("runs/bench-scorers"), help="profiles, for resuming")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mi-opt" / "bench-scorers",
+                   help="profiles and per-item evaluation results, for resuming")
     return p.parse_args(argv)
 
 
@@ -70,8 +83,14 @@ class Bench:
 
     def __init__(self, args):
         self.args, self.path = args, args.out / "scorers.json"
-        self.data = read_json(self.path, "mi-opt/benchmark-scorers", 1) if self.path.exists() else {
-            "schema": "mi-opt/benchmark-scorers", "version": 1, "model": args.model,
+        self.data = read_json(self.path, "mi-opt/benchmark-scorers", VERSION) if self.path.exists() else None
+        if self.data is not None and self.data["version"] < VERSION and not args.render:
+            # Version 1 kept no per-item results, so its evaluations can't be paired with the
+            # original's, and its costs were measured with an older engine: nothing carries over.
+            print(f"{self.path} is version {self.data['version']} (no per-item results): starting afresh", flush=True)
+            self.data = None
+        self.data = self.data or {
+            "schema": "mi-opt/benchmark-scorers", "version": VERSION, "model": args.model,
             "calibration": {"source": args.calib_source, "split": "calibration", "n_samples": args.calib_samples,
                             "seq_len": args.seq_len},
             "evaluation": {"text": args.eval_source, "split": "evaluation", "n_samples": args.eval_samples,
@@ -86,11 +105,14 @@ class Bench:
     def profile(self, name: str, make) -> ImportanceProfile:
         path = self.args.cache / f"{name}.json"
         if path.exists():
-            return ImportanceProfile.load(path)
-        started = time.perf_counter()
-        prof = make()
-        prof.cost["measured_wall_s"] = round(time.perf_counter() - started, 2)
-        prof.save(path)
+            prof = ImportanceProfile.load(path)  # its measured cost travels with it
+        else:
+            started = time.perf_counter()
+            prof = make()
+            prof.cost["measured_wall_s"] = round(time.perf_counter() - started, 2)
+            prof.save(path)
+        if name in self.data["profiles"]:
+            return prof
         self.data["profiles"][name] = {"wall_s": prof.cost["measured_wall_s"],
                                        "forward_equivalents": round(measured_forward_equivalents(prof.cost), 2)}
         self.save()
@@ -110,13 +132,31 @@ def _eval_key(kind: str, plan: dict) -> str:
     return f"{kind}:{sorted(plan.items())}"
 
 
-def evaluate_plans(bench: Bench, model, tok, config: EvalConfig) -> None:
+def _eval_path(bench: Bench, key: str) -> Path:
+    """Where one evaluation's per-item results are kept (the cache: for resuming and pairing)."""
+    name = "original" if key == "original" else hashlib.sha256(key.encode()).hexdigest()[:16]
+    return bench.args.cache / "evals" / f"{name}.eval.json"
+
+
+def evaluate_original(bench: Bench, model, tok, config: EvalConfig) -> EvalResult:
+    """The original's per-item results, which every plan's change is paired against."""
+    path = _eval_path(bench, "original")
+    if path.exists() and "original" in bench.data["evals"]:
+        return EvalResult.load(path)
+    result = evaluate(model, tok, config, progress=False)
+    result.save(path)
+    bench.data["evals"]["original"] = summarize(result, model)
+    bench.save()
+    return result
+
+
+def evaluate_plans(bench: Bench, model, tok, config: EvalConfig, original: EvalResult) -> None:
     """Evaluate every distinct plan not evaluated yet (plans shared by methods run once)."""
     todo = {}
     for m in bench.data["methods"].values():
         for b in m["budgets"].values():
             todo.setdefault(_eval_key(m["kind"], b["plan"]), (m["kind"], b["plan"]))
-    for key, (kind, plan) in todo.items():
+    for key, (kind, plan) in tqdm(todo.items(), desc="evaluating plans", unit="plan"):
         if key in bench.data["evals"]:
             continue
         started = time.perf_counter()
@@ -127,18 +167,33 @@ def evaluate_plans(bench: Bench, model, tok, config: EvalConfig) -> None:
             prune_heads_(work, {int(k): v for k, v in plan["prune"].items()}, mode="free")
         elif kind == "sublayers":
             without_sublayers(work, plan["remove"])
-        bench.data["evals"][key] = summarize(evaluate(work, tok, config, progress=False), work)
+        result = evaluate(work, tok, config, progress=False)
+        result.save(_eval_path(bench, key))
+        bench.data["evals"][key] = summarize(result, work, original)
         del work
-        print(f"eval {key[:90]}: {bench.data['evals'][key]} ({time.perf_counter() - started:.0f} s)", flush=True)
+        tqdm.write(f"eval {key[:90]}: perplexity {bench.data['evals'][key]['perplexity']:.2f} "
+                   f"({time.perf_counter() - started:.0f} s)")
         bench.save()
 
 
-def summarize(result, model) -> dict:
+def summarize(result: EvalResult, model, original: EvalResult | None = None) -> dict:
+    """Scores with their 95% intervals and, against the original, each change paired on the same
+    items (McNemar) or windows (bootstrap), so the report marks only what a paired test finds."""
     tasks = {name: r["metrics"][r["primary"]] for name, r in result.tasks.items()}
-    generative = [v for k, v in tasks.items() if k != "miopt_facts_mc"]
-    return {"perplexity": round(result.perplexity["perplexity"], 4), "tasks": tasks,
-            "generative_mean": round(sum(generative) / len(generative), 4),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    generative = [name for name in tasks if name != "miopt_facts_mc"]
+    out = {"perplexity": round(result.perplexity["perplexity"], 4),
+           "perplexity_interval": [round(v, 4) for v in result.perplexity["interval"]],
+           "tasks": tasks, "task_intervals": {name: r["score"]["interval"] for name, r in result.tasks.items()},
+           "n_items": {name: r["n"] for name, r in result.tasks.items()},
+           "generative_mean": round(sum(tasks[t] for t in generative) / len(generative), 4),
+           "generative_interval": mean_of_scores([result.tasks[t]["score"] for t in generative])["interval"],
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if original is not None:
+        changes = {name: task_change(original.tasks.get(name), r) for name, r in result.tasks.items()}
+        changes["perplexity"] = perplexity_change(original.perplexity, result.perplexity)
+        changes["generative_mean"] = mean_of_changes([changes[t] for t in generative])
+        out["changes"] = changes
+    return out
 
 
 def layer_methods(bench: Bench, model, windows, copy_windows) -> None:
@@ -313,17 +368,15 @@ def main(argv=None) -> int:
         config = EvalConfig(parts=("perplexity", "tasks"), text_source=args.eval_source,
                             ppl_samples=args.eval_samples, ppl_seq_len=args.eval_seq_len, task_limit=args.task_limit,
                             threads=args.threads)
-        if "original" not in bench.data["evals"]:
-            bench.data["evals"]["original"] = summarize(evaluate(model, tok, config, progress=False), model)
-            bench.save()
+        original = evaluate_original(bench, model, tok, config)
         copy_windows = token_windows(tok, f"{args.calib_source}+repeat:{args.calib_source}", args.calib_samples,
                                      args.seq_len, split="calibration")
         if args.part in ("all", "layers"):
             layer_methods(bench, model, windows, copy_windows)
-            evaluate_plans(bench, model, tok, config)
+            evaluate_plans(bench, model, tok, config, original)
         if args.part in ("all", "heads"):
             head_methods(bench, model, windows, copy_windows)
-            evaluate_plans(bench, model, tok, config)
+            evaluate_plans(bench, model, tok, config, original)
         correlations(bench)
     render(bench.data, args.out)
     return 0

@@ -1,10 +1,42 @@
-"""reports/scorers.md and its plots, from the scorer benchmark's JSON (see scorers.py)."""
+"""reports/scorers.md and its plots, from the scorer benchmark's JSON (see scorers.py).
+
+Each score is shown with its 95% interval; `*` marks a change from the original that a paired
+test on the same items (McNemar) or windows (bootstrap) finds significant. Data from before
+version 2 of scorers.json holds neither, and is shown without them.
+"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-TASKS = (("miopt_facts_mc", "facts MC"), ("miopt_arithmetic", "arith"), ("miopt_capitals", "capitals"))
+SHORT = {"miopt_facts_mc": "facts MC", "miopt_arithmetic": "arith", "miopt_capitals": "capitals",
+         "miopt_name_lookup": "lookup", "miopt_sequences": "sequences"}
+
+
+PAIRED_NOTE = ("Intervals are 95%; `*` marks a change from the original that a paired test on the same items "
+               "(McNemar) or windows (bootstrap; for the generative mean, a normal test from the tasks' paired "
+               "changes) finds significant at 95%.")
+UNPAIRED_NOTE = "This data predates per-item results (scorers.json version 1): no intervals, no significance."
+
+
+def _tasks(data: dict) -> list[tuple[str, str]]:
+    """(task, column label) for every task the original was evaluated on, in a fixed order."""
+    measured = data["evals"]["original"]["tasks"]
+    return [(t, SHORT.get(t, t)) for t in [*SHORT, *sorted(set(measured) - set(SHORT))] if t in measured]
+
+
+def _mark(ev: dict, metric: str) -> str:
+    return "*" if (ev.get("changes") or {}).get(metric, {}) and ev["changes"][metric].get("significant") else ""
+
+
+def _interval(ev: dict, key: str, digits: int) -> str:
+    lo_hi = ev.get(key)
+    return f" [{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]" if lo_hi else ""
+
+
+def _items_judged(evaluation: dict) -> str:
+    limit = evaluation.get("task_limit")
+    return "every item" if limit is None else f"the first {limit} items of each"
 
 
 def _key(kind: str, plan: dict) -> str:
@@ -28,19 +60,20 @@ def rows(data: dict, kind: str) -> list[dict]:
 
 
 def _table(data: dict, kind: str) -> list[str]:
-    base = data["evals"]["original"]
+    base, tasks = data["evals"]["original"], _tasks(data)
     budget_head = "layers dropped" if kind == "layers" else "heads pruned"
-    lines = [f"| {budget_head} | method | perplexity | ppl increase | " + " | ".join(t for _, t in TASKS)
+    lines = [f"| {budget_head} | method | perplexity | ppl increase | " + " | ".join(t for _, t in tasks)
              + " | generative mean | wall s | fwd-equiv | x BI wall |",
-             "|---" * (9 + len(TASKS) - 2) + "|---|"]
-    lines[1] = "|" + "---|" * (8 + len(TASKS))
+             "|" + "---|" * (8 + len(tasks))]
     for r in sorted(rows(data, kind), key=lambda r: (float(r["budget"]), r["eval"]["perplexity"])):
         ev = r["eval"]
-        tasks = " | ".join(f"{ev['tasks'].get(t, float('nan')):.2f}" for t, _ in TASKS)
+        scores = " | ".join(f"{ev['tasks'][t]:.2f}{_mark(ev, t)}" if t in ev["tasks"] else "" for t, _ in tasks)
         ratio = f"{r['bi_ratio']:.1f}" if r["bi_ratio"] is not None else ""
         budget = r["budget"] if kind == "layers" else f"{float(r['budget']):.0%}"
-        lines.append(f"| {budget} | {r['method']} | {ev['perplexity']:.1f} | "
-                     f"{ev['perplexity'] - base['perplexity']:+.1f} | {tasks} | {ev['generative_mean']:.2f} | "
+        lines.append(f"| {budget} | {r['method']} | {ev['perplexity']:.1f}{_interval(ev, 'perplexity_interval', 1)}"
+                     f"{_mark(ev, 'perplexity')} | {ev['perplexity'] - base['perplexity']:+.1f} | {scores} | "
+                     f"{ev['generative_mean']:.2f}{_interval(ev, 'generative_interval', 2)}"
+                     f"{_mark(ev, 'generative_mean')} | "
                      f"{r['cost']['wall_s']:.1f} | {r['cost']['forward_equivalents']:.1f} | {ratio} |")
     return lines
 
@@ -95,8 +128,15 @@ def _plot(data: dict, kind: str, path: Path) -> None:
         x = [float(r["budget"]) for r in rs]
         style = {"marker": "osD^v<>"[n % 7], "ls": ("-", "--", ":")[n // 7 % 3], "color": colors[n % 20],
                  "label": name}
-        axes[0].plot(x, [r["eval"]["perplexity"] for r in rs], **style)
-        axes[1].plot(x, [r["eval"]["generative_mean"] for r in rs], **style)
+        for ax, metric, interval in ((axes[0], "perplexity", "perplexity_interval"),
+                                     (axes[1], "generative_mean", "generative_interval")):
+            y = [r["eval"][metric] for r in rs]
+            if all(interval in r["eval"] for r in rs):  # 95% error bars (scorers.json version 2)
+                yerr = [[v - r["eval"][interval][0] for v, r in zip(y, rs)],
+                        [r["eval"][interval][1] - v for v, r in zip(y, rs)]]
+                ax.errorbar(x, y, yerr=yerr, capsize=2, elinewidth=0.7, **style)
+            else:
+                ax.plot(x, y, **style)
     for ax in axes:
         ax.set_xticks(budgets, [f"{b:g}" if kind != "heads" else f"{b:.0%}" for b in budgets])
     base = data["evals"]["original"]
@@ -104,7 +144,7 @@ def _plot(data: dict, kind: str, path: Path) -> None:
     axes[1].axhline(base["generative_mean"], color="grey", ls=":")
     axes[0].set_yscale("log")
     xlabel = "layers dropped (sublayers: same parameters)" if kind == "layers" else "fraction of heads pruned"
-    for ax, title in zip(axes, ("evaluation perplexity (log)", "generative tasks, mean exact match")):
+    for ax, title in zip(axes, ("evaluation perplexity (log), 95% intervals", "generative tasks, mean exact match")):
         ax.set_xlabel(xlabel)
         ax.set_title(title)
     axes[1].legend(fontsize=7, loc="upper right")
@@ -118,15 +158,18 @@ def render(data: dict, out: Path) -> Path:
     base = data["evals"]["original"]
     cal, ev = data["calibration"], data["evaluation"]
     lines = ["# Scorers compared: the plans they produce, evaluated", "",
-             "Made by `python benchmarks/scorers.py` (data: reports/scorers.json). SmolLM2-135M, fp32, "
+             f"Made by `python benchmarks/scorers.py` (data: reports/scorers.json). {data['model']}, fp32, "
              f"{data['threads']} CPU threads. Calibration: {cal['n_samples']} x {cal['seq_len']} tokens of "
              f"{cal['source']} ({cal['split']} windows). Judged on {ev['n_samples']} x {ev['seq_len']} "
-             f"{ev['split']} windows of {ev['text']} and on every item of the shipped tasks. Wall times are "
+             f"{ev['split']} windows of {ev['text']} and on {_items_judged(ev)} of the shipped tasks. Wall "
+             "times are "
              "noisy on a shared CPU; forward-pass equivalents (work in full forwards of one 4-window "
              "calibration batch) are exact.", "",
-             f"Original model: perplexity {base['perplexity']:.2f}, "
-             + ", ".join(f"{t} {base['tasks'][k]:.2f}" for k, t in TASKS)
-             + f", generative mean {base['generative_mean']:.2f}.", ""]
+             f"Original model: perplexity {base['perplexity']:.2f}{_interval(base, 'perplexity_interval', 2)}, "
+             + ", ".join(f"{t} {base['tasks'][k]:.2f}{_interval(base.get('task_intervals', {}), k, 2)}"
+                         + (f" ({base['n_items'][k]} items)" if "n_items" in base else "") for k, t in _tasks(data))
+             + f", generative mean {base['generative_mean']:.2f}{_interval(base, 'generative_interval', 2)}.", "",
+             PAIRED_NOTE if data["version"] >= 2 else UNPAIRED_NOTE, ""]
     for kind, title in (("layers", "Dropping layers (or the same parameters as sublayers)"),
                         ("heads", "Pruning attention heads (free per-layer counts)")):
         if rows(data, kind):
