@@ -119,6 +119,10 @@ class LayerInputs:
 
     def _attention_hooks(self, i: int) -> list[Hook]:
         layer = self.adapter.layers()[i]
+        try:
+            self.adapter.head_output_proj(layer)
+        except AttributeError:  # the attention was replaced (a removed sublayer's stand-in): no shortcut
+            return []
 
         def head_outputs(module, args):
             self.head_outputs[i] = args[0]

@@ -34,6 +34,24 @@ def test_no_shortcut_where_the_attention_output_is_not_its_projection():
     assert all(inputs.head_outputs[i] is not None for i in (0, 1, 3))
 
 
+class _ZeroAttention(torch.nn.Module):
+    """A removed attention block's stand-in: no output projection to hook."""
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+def test_a_layer_without_an_output_projection_replays_without_the_shortcut():
+    model = tiny_model("llama")
+    adapter, ids = get_adapter(model), tiny_windows(2, 16)
+    adapter.layers()[1].self_attn = _ZeroAttention()
+    with torch.inference_mode():
+        inputs = LayerInputs.record(adapter, ids, attention=True)
+        plain = LayerInputs.record(adapter, ids)
+        assert inputs.head_outputs[1] is None and inputs.head_outputs[0] is not None
+        assert torch.equal(inputs.replay_from(1)[0], plain.replay_from(1)[0])
+
+
 def _whole_vocabulary_reference(adapter, final, ids) -> CleanReference:
     ref = CleanReference(adapter, final, ids, chunk=64)
     ref.blocks = False
