@@ -120,7 +120,7 @@ class LayerInputs:
     def _attention_hooks(self, i: int) -> list[Hook]:
         layer = self.adapter.layers()[i]
         try:
-            self.adapter.head_output_proj(layer)
+            project = self.adapter.head_output_proj(layer)
         except AttributeError:  # the attention was replaced (a removed sublayer's stand-in): no shortcut
             return []
 
@@ -133,8 +133,8 @@ class LayerInputs:
         def attention_out(module, args, output):
             self._attention_main[i] = output[0] if isinstance(output, tuple) else output
             self._attention_arity[i] = len(output) if isinstance(output, tuple) else None
-        return [Hook(self.adapter.head_output_proj(layer), head_outputs, kind="forward_pre"),
-                Hook(self.adapter.head_output_proj(layer), projected),
+        return [Hook(project, head_outputs, kind="forward_pre"),
+                Hook(project, projected),
                 Hook(self.adapter.attention(layer), attention_out)]
 
     def _keep_only_exact_shortcuts(self) -> None:
