@@ -1,6 +1,7 @@
 """Speed where users deploy: SmolLM2 exports run in llama.cpp, against transformers on the same cores.
 
     python benchmarks/deploy.py            # build the files, measure perplexity, time them (resumable)
+    python benchmarks/deploy.py --build    # only build the files and measure their perplexity
     python benchmarks/deploy.py --speed    # only the timing pass (the files must exist)
     python benchmarks/deploy.py --render   # only rebuild reports/deploy.md
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from mi_opt.artifacts import machine, versions, write_json
-from mi_opt.evaluate.ab_speed import load_average, reliability_warnings, timed_rounds
+from mi_opt.evaluate.ab_speed import Reliability, load_average, machine_warnings, spread_notes, timed_rounds
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.evaluate.speed import forward_kwargs, median_spread, timed_generation
 from mi_opt.export import export
@@ -198,11 +199,37 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors if len(t.shape) > 1))
 
 
-def file_quality(path: Path, tokenizer) -> float:
+def quality(model, tokenizer) -> dict:
+    """Perplexity on the evaluation windows, with the per-window sums that pair it with any other row."""
+    result = perplexity(model, tokenizer, "handbook+kjv", 16, 256, 4, 0, progress=False)
+    return {"perplexity": round(result["perplexity"], 3),
+            "windows": {k: result[k] for k in ("window_nll_sum", "window_tokens", "windows_hash")}}
+
+
+def file_quality(path: Path, tokenizer) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return perplexity(model, tokenizer, "handbook+kjv", 16, 256, 4, 0, progress=False)["perplexity"]
+    return quality(model, tokenizer)
+
+
+def fill_windows(data: dict, original, tokenizer) -> None:
+    """Per-window results for rows measured before they were kept (deploy.json from before #14's
+    paired tests): each row is measured again on the same windows, its perplexity replaced by the new one."""
+    if "original_windows" not in data:
+        q = quality(original, tokenizer)
+        data["original_perplexity"], data["original_windows"] = q["perplexity"], q["windows"]
+        write_json(OUT, data)
+    for name, f in data["files"].items():
+        if "windows" not in f and Path(f["path"]).exists():
+            print(f"per-window perplexity: {name}", flush=True)
+            f.update(file_quality(Path(f["path"]), tokenizer))
+            write_json(OUT, data)
+    for name, t in data.get("transformers", {}).items():
+        if "windows" not in t:
+            print(f"per-window perplexity: {name}", flush=True)
+            t.update(quality(transformers_model(name, original), tokenizer))
+            write_json(OUT, data)
 
 
 def llama_runner(path: Path, threads: int, ids: list[int]):
@@ -252,14 +279,25 @@ def speed_pass(data: dict, original, tokenizer, threads: int, rounds: int) -> di
         rows[name] = {"prefill_tok_s": median_spread([PROMPT_TOKENS / t for t in prefill]),
                       "decode_tok_s": median_spread([(NEW_TOKENS - 1) / t for t in decode])}
     base = "original, transformers fp32"
+    unsteady = {}
     for name, timings in runs.items():  # per-round ratios against transformers fp32 in the same round
         rows[name]["decode_vs_transformers"] = median_spread([b[1] / t[1] for b, t in zip(runs[base], timings)])
+        rows[name]["prefill_vs_transformers"] = median_spread([b[0] / t[0] for b, t in zip(runs[base], timings)])
+        for part in ("decode", "prefill"):
+            r = rows[name][f"{part}_vs_transformers"]
+            spread = (r["q3"] - r["q1"]) / r["median"]
+            if spread > Reliability().spread_limit:
+                unsteady.setdefault(name, {})[part] = f"{name}'s {part} speedup varies by {spread:.0%} across rounds"
     parts = {n: {"prefill": [t[0] for t in r], "decode": [t[1] for t in r]} for n, r in runs.items()}
-    warnings = reliability_warnings(before, after, parts, load, cpu=timed.cpu)
+    # The A/B rule (mi_opt.evaluate.ab_speed.ab_result): the machine's checks hold for every row; a
+    # speedup whose per-round ratios vary is flagged on its own row; raw times varying across rounds,
+    # which the same-round baseline cancels where the whole machine moved, are only noted.
+    warnings = machine_warnings(before, after, load, cpu=timed.cpu)
     return {"threads": threads, "rounds": rounds, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
             "rows": rows, "runs": {n: [list(t) for t in r] for n, r in runs.items()}, "order": order,
             "kernel_before": before, "kernel_after": after, "load": load,
-            "cpu_shares": asdict(timed.cpu) if timed.cpu else None, "warnings": warnings, "reliable": not warnings}
+            "cpu_shares": asdict(timed.cpu) if timed.cpu else None, "warnings": warnings, "reliable": not warnings,
+            "unsteady": unsteady, "spread_notes": spread_notes(parts)}
 
 
 def parse_args(argv=None):
@@ -267,8 +305,10 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "mi-opt" / "deploy",
                    help="where the .gguf files are made (about 1.5 GB)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--speed", action="store_true", help="only the timing pass")
+    p.add_argument("--build", action="store_true",
+                   help="only build the files and measure their perplexity: time them later, on an idle machine")
     p.add_argument("--render", action="store_true", help="only rebuild reports/deploy.md")
     return p.parse_args(argv)
 
@@ -289,9 +329,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     original, tokenizer = load_model(SPEC)
-    if "original_perplexity" not in data:
-        data["original_perplexity"] = perplexity(original, tokenizer, "handbook+kjv", 16, 256, 4, 0,
-                                                 progress=False)["perplexity"]
+    if not args.speed:
+        fill_windows(data, original, tokenizer)
     # A file listed in deploy.json but gone from --work (a fresh machine, a cleared cache) is rebuilt:
     # its figures are remade with it, so the timing pass never runs a file other than the one measured.
     missing = [n for n, f in data["files"].items() if n in FILES and not Path(f["path"]).exists()]
@@ -307,16 +346,18 @@ def main(argv=None) -> int:
         built_s = time.perf_counter() - started
         data["files"][name] = {"path": str(path), "maker": row.maker, "file_mb": round(path.stat().st_size / 1e6, 1),
                                "types": tensor_types(path), "build_s": round(built_s, 1),
-                               "perplexity": round(file_quality(path, tokenizer), 3)}
+                               **file_quality(path, tokenizer)}
         data.update(machine=machine(), versions={**versions(), "llama_cpp_python": llama_cpp.__version__})
         write_json(OUT, data)  # after every file: a killed run resumes
     for name in TRANSFORMERS:
         if not args.speed and name not in data.setdefault("transformers", {}):
             print(f"transformers {name}", flush=True)
             model = transformers_model(name, original)
-            data["transformers"][name] = {"perplexity": round(perplexity(model, tokenizer, "handbook+kjv", 16, 256, 4,
-                                                                         0, progress=False)["perplexity"], 3)}
+            data["transformers"][name] = quality(model, tokenizer)
             write_json(OUT, data)
+    if args.build:
+        print("files built; time them with --speed on an idle machine")
+        return 0
     data["speed"] = speed_pass(data, original, tokenizer, args.threads, args.rounds)
     write_json(OUT, data)
     print(render(data))
