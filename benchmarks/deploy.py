@@ -306,10 +306,11 @@ def parse_args(argv=None):
                    help="where the .gguf files are made (about 1.5 GB)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--speed", action="store_true", help="only the timing pass")
-    p.add_argument("--build", action="store_true",
-                   help="only build the files and measure their perplexity: time them later, on an idle machine")
-    p.add_argument("--render", action="store_true", help="only rebuild reports/deploy.md")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--speed", action="store_true", help="only the timing pass")
+    only.add_argument("--build", action="store_true",
+                      help="only build the files and measure their perplexity: time them later, on an idle machine")
+    only.add_argument("--render", action="store_true", help="only rebuild reports/deploy.md")
     return p.parse_args(argv)
 
 
@@ -334,9 +335,10 @@ def main(argv=None) -> int:
     # A file listed in deploy.json but gone from --work (a fresh machine, a cleared cache) is rebuilt:
     # its figures are remade with it, so the timing pass never runs a file other than the one measured.
     missing = [n for n, f in data["files"].items() if n in FILES and not Path(f["path"]).exists()]
-    if args.speed and (missing or set(FILES) - set(data["files"])):
-        sys.exit(f"--speed needs every file built; missing: {', '.join(missing or sorted(set(FILES) - set(data['files'])))}."
-                 " Run without --speed to build them (resumable).")
+    absent = missing + sorted(set(FILES) - set(data["files"]))
+    if args.speed and absent:
+        sys.exit(f"--speed needs every file built; missing: {', '.join(absent)}. "
+                 "Run without --speed to build them (resumable).")
     for name, row in FILES.items():
         if args.speed or (name in data["files"] and name not in missing):
             continue
