@@ -31,7 +31,8 @@ def _mark(ev: dict, metric: str) -> str:
 
 def _interval(ev: dict, key: str, digits: int) -> str:
     lo_hi = ev.get(key)
-    return f" [{lo_hi[0]:.{digits}f}, {lo_hi[1]:.{digits}f}]" if lo_hi else ""
+    # round first, then add 0.0: a bound of -0.001 reads 0.00, not -0.00
+    return f" [{round(lo_hi[0], digits) + 0.0:.{digits}f}, {round(lo_hi[1], digits) + 0.0:.{digits}f}]" if lo_hi else ""
 
 
 def _items_judged(evaluation: dict) -> str:
