@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mi_opt.evaluate.speed import median_spread
-from mi_opt.evaluate.stats import paired_perplexity_change
+from mi_opt.evaluate.paired import perplexity_change
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "original, transformers fp32"
@@ -32,10 +32,8 @@ def _fmt_rate(row: dict | None, key: str) -> str:
 def _paired(base: dict, other: dict) -> dict | None:
     """Perplexity change from base to other, paired over the same evaluation windows (None when a row
     was measured before per-window results were kept)."""
-    a, b = base.get("windows"), other.get("windows")
-    if not a or not b or a["windows_hash"] != b["windows_hash"]:
-        return None
-    return paired_perplexity_change(a["window_nll_sum"], b["window_nll_sum"], a["window_tokens"])
+    change = perplexity_change(base.get("windows"), other.get("windows"))
+    return None if "reason" in change else change
 
 
 def _fmt_change(change: dict | None) -> str:
