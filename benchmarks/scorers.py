@@ -10,8 +10,10 @@ generative arithmetic and capitals, every item). For each method: its cost (wall
 work in full-forward equivalents of one calibration batch, and the ratio to block
 influence), its rank correlation with exact ablation, and the evaluation of the model its
 plan produces: drop 4, 6, 8 of 30 layers (or the same parameters as attention/MLP
-sublayers), prune a quarter, a third, a half of the heads. Results are saved after every
-step: an interrupted run resumes where it stopped.
+sublayers), prune a quarter, a third, a half of the heads. Each plan is also compared, paired
+on the same items and windows, with a reference plan at the same budget (block influence for
+layers, exact ablation for heads), so the report tells real differences between scorers from
+noise. Results are saved after every step: an interrupted run resumes where it stopped.
 
 Cost: since every item of every task is evaluated (about 970), each of the ~85 distinct plans
 takes one full evaluation, 2-7 minutes here (the recipe reports' evaluations of compressed
@@ -189,11 +191,54 @@ def summarize(result: EvalResult, model, original: EvalResult | None = None) -> 
            "generative_interval": mean_of_scores([result.tasks[t]["score"] for t in generative])["interval"],
            "parameters": sum(p.numel() for p in model.parameters())}
     if original is not None:
-        changes = {name: task_change(original.tasks.get(name), r) for name, r in result.tasks.items()}
-        changes["perplexity"] = perplexity_change(original.perplexity, result.perplexity)
-        changes["generative_mean"] = mean_of_changes([changes[t] for t in generative])
-        out["changes"] = changes
+        out["changes"] = paired_changes(original, result)
     return out
+
+
+def paired_changes(base: EvalResult, other: EvalResult) -> dict:
+    """other - base on every task, perplexity and the generative mean, paired on the same items
+    (McNemar) or windows (bootstrap)."""
+    changes = {name: task_change(base.tasks.get(name), r) for name, r in other.tasks.items()}
+    changes["perplexity"] = perplexity_change(base.perplexity, other.perplexity)
+    changes["generative_mean"] = mean_of_changes([changes[t] for t in other.tasks if t != "miopt_facts_mc"])
+    return changes
+
+
+# Each kind's plans are also compared with one reference method's plan at the same budget: the
+# cheap baseline for layers, the best one-shot scorer for heads.
+REFERENCES = {"layers": "block influence (ShortGPT)", "heads": "heads/ablation (KL)"}
+
+
+def versus_reference(bench: Bench) -> None:
+    """Every plan's change from its kind's reference plan at the same budget, paired on the same
+    items and windows: which differences between scorers are real, not only which differ from the
+    original. Reads the cached per-item results; plans whose results are not cached are skipped."""
+    loaded: dict[str, EvalResult | None] = {}
+
+    def result_of(kind: str, plan: dict) -> EvalResult | None:
+        key = _eval_key(kind, plan)
+        if key not in loaded:
+            path = _eval_path(bench, key)
+            loaded[key] = EvalResult.load(path) if path.exists() else None
+        return loaded[key]
+
+    versus = bench.data.setdefault("versus", {})
+    for name, m in bench.data["methods"].items():
+        ref_name = REFERENCES["heads" if m["kind"] == "heads" else "layers"]
+        ref = bench.data["methods"].get(ref_name)
+        if ref is None or name == ref_name:
+            continue
+        for budget, b in m["budgets"].items():
+            if budget in versus.get(name, {}) or budget not in ref["budgets"]:
+                continue
+            ref_plan = ref["budgets"][budget]["plan"]
+            if _eval_key(ref["kind"], ref_plan) == _eval_key(m["kind"], b["plan"]):
+                versus.setdefault(name, {})[budget] = {"reference": ref_name, "same_plan": True}
+                continue
+            base, other = result_of(ref["kind"], ref_plan), result_of(m["kind"], b["plan"])
+            if base is not None and other is not None:
+                versus.setdefault(name, {})[budget] = {"reference": ref_name, **paired_changes(base, other)}
+    bench.save()
 
 
 def layer_methods(bench: Bench, model, windows, copy_windows) -> None:
@@ -378,6 +423,8 @@ def main(argv=None) -> int:
             head_methods(bench, model, windows, copy_windows)
             evaluate_plans(bench, model, tok, config, original)
         correlations(bench)
+    if (args.cache / "evals").is_dir():
+        versus_reference(bench)
     render(bench.data, args.out)
     return 0
 

@@ -1,8 +1,9 @@
 """reports/scorers.md and its plots, from the scorer benchmark's JSON (see scorers.py).
 
 Each score is shown with its 95% interval; `*` marks a change from the original that a paired
-test on the same items (McNemar) or windows (bootstrap) finds significant. Data from before
-version 2 of scorers.json holds neither, and is shown without them.
+test on the same items (McNemar) or windows (bootstrap) finds significant. A second table per
+kind gives each plan's paired change from the reference method's plan at the same budget. Data
+from before version 2 of scorers.json holds none of these, and is shown without them.
 """
 from __future__ import annotations
 
@@ -104,6 +105,39 @@ def _summary(data: dict, kind: str) -> list[str]:
     return lines
 
 
+def _change(c: dict | None, digits: int) -> str:
+    """A paired change with its 95% interval and `*` when significant; '' when it could not be paired."""
+    if not c or "change" not in c:
+        return ""
+    lo, hi = (round(v, digits) + 0.0 for v in c["interval"])
+    return f"{c['change']:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{'*' if c.get('significant') else ''}"
+
+
+def _versus(data: dict, kind: str) -> list[str]:
+    """Each method's plan against the reference method's plan at the same budget, paired."""
+    out = []
+    for name, m in data["methods"].items():
+        if (m["kind"] == "heads") != (kind == "heads"):
+            continue
+        for budget, v in data.get("versus", {}).get(name, {}).items():
+            out.append((float(budget), v, name, budget))
+    if not out:
+        return []
+    reference = out[0][1]["reference"].removeprefix("heads/")
+    lines = [f"Against **{reference}** at the same budget, paired on the same windows and items "
+             "(negative perplexity change and positive generative change favour the method):", "",
+             f"| {'layers dropped' if kind == 'layers' else 'heads pruned'} | method | perplexity change "
+             "| generative-mean change |", "|---|---|---|---|"]
+    for b, v, name, budget in sorted(out, key=lambda t: (t[0], t[1].get("perplexity", {}).get("change", 0))):
+        label = budget if kind == "layers" else f"{b:.0%}"
+        if v.get("same_plan"):
+            lines.append(f"| {label} | {name.removeprefix('heads/')} | same plan | same plan |")
+            continue
+        lines.append(f"| {label} | {name.removeprefix('heads/')} | {_change(v['perplexity'], 1)} | "
+                     f"{_change(v.get('generative_mean'), 3)} |")
+    return lines
+
+
 def _correlations(data: dict) -> list[str]:
     lines = ["| scorer (profile) | units | metric | n | Spearman | Kendall |", "|---|---|---|---|---|---|"]
     for key, c in sorted(data["correlations"].items()):
@@ -176,6 +210,8 @@ def render(data: dict, out: Path) -> Path:
         if rows(data, kind):
             lines += [f"## {title}", "", *_table(data, kind), "", f"![{kind}](scorers-{kind}.png)", "",
                       "Summary over the budgets:", "", *_summary(data, kind), ""]
+            if versus := _versus(data, kind):
+                lines += [*versus, ""]
             _plot(data, kind, out / f"scorers-{kind}.png")
     if data.get("notes"):
         lines += ["## Notes on this run", "", *[f"- {n}" for n in data["notes"]], ""]
