@@ -5,10 +5,10 @@
     python benchmarks/scorers.py --render         # rewrite reports/scorers.md and plots from scorers.json
 
 On SmolLM2-135M, calibrated on Debian handbook prose (calibration windows), judged on other
-text (evaluation windows of handbook + KJV) and on the shipped tasks (facts multiple choice,
-generative arithmetic and capitals, every item). For each method: its cost (wall time and
-work in full-forward equivalents of one calibration batch, and the ratio to block
-influence), its rank correlation with exact ablation, and the evaluation of the model its
+text (evaluation windows of handbook + KJV) and on the five shipped tasks (facts multiple choice;
+generative arithmetic, capitals, name lookup and sequences; every item). For each method: its
+cost (wall time and work in full-forward equivalents of one calibration batch, and the ratio to
+block influence), its rank correlation with exact ablation, and the evaluation of the model its
 plan produces: drop 4, 6, 8 of 30 layers (or the same parameters as attention/MLP
 sublayers), prune a quarter, a third, a half of the heads. Each plan is also compared, paired
 on the same items and windows, with a reference plan at the same budget (block influence for
@@ -36,9 +36,9 @@ from tqdm import tqdm
 from mi_opt.artifacts import machine, read_json, versions, write_json
 from mi_opt.data import token_windows
 from mi_opt.evaluate import EvalConfig, evaluate
-from mi_opt.evaluate.paired import perplexity_change, task_change
+from mi_opt.evaluate.paired import generative_tasks, result_changes
 from mi_opt.evaluate.result import EvalResult
-from mi_opt.evaluate.stats import mean_of_changes, mean_of_scores
+from mi_opt.evaluate.stats import mean_of_scores
 from mi_opt.models import load_model
 from mi_opt.policy import make_plan
 from mi_opt.policy.cost import ModelCost
@@ -182,7 +182,7 @@ def summarize(result: EvalResult, model, original: EvalResult | None = None) -> 
     """Scores with their 95% intervals and, against the original, each change paired on the same
     items (McNemar) or windows (bootstrap), so the report marks only what a paired test finds."""
     tasks = {name: r["metrics"][r["primary"]] for name, r in result.tasks.items()}
-    generative = [name for name in tasks if name != "miopt_facts_mc"]
+    generative = generative_tasks(result)
     out = {"perplexity": round(result.perplexity["perplexity"], 4),
            "perplexity_interval": [round(v, 4) for v in result.perplexity["interval"]],
            "tasks": tasks, "task_intervals": {name: r["score"]["interval"] for name, r in result.tasks.items()},
@@ -191,17 +191,8 @@ def summarize(result: EvalResult, model, original: EvalResult | None = None) -> 
            "generative_interval": mean_of_scores([result.tasks[t]["score"] for t in generative])["interval"],
            "parameters": sum(p.numel() for p in model.parameters())}
     if original is not None:
-        out["changes"] = paired_changes(original, result)
+        out["changes"] = result_changes(original, result)
     return out
-
-
-def paired_changes(base: EvalResult, other: EvalResult) -> dict:
-    """other - base on every task, perplexity and the generative mean, paired on the same items
-    (McNemar) or windows (bootstrap)."""
-    changes = {name: task_change(base.tasks.get(name), r) for name, r in other.tasks.items()}
-    changes["perplexity"] = perplexity_change(base.perplexity, other.perplexity)
-    changes["generative_mean"] = mean_of_changes([changes[t] for t in other.tasks if t != "miopt_facts_mc"])
-    return changes
 
 
 # Each kind's plans are also compared with one reference method's plan at the same budget: the
@@ -237,7 +228,7 @@ def versus_reference(bench: Bench) -> None:
                 continue
             base, other = result_of(ref["kind"], ref_plan), result_of(m["kind"], b["plan"])
             if base is not None and other is not None:
-                versus.setdefault(name, {})[budget] = {"reference": ref_name, **paired_changes(base, other)}
+                versus.setdefault(name, {})[budget] = {"reference": ref_name, **result_changes(base, other)}
     bench.save()
 
 

@@ -41,3 +41,21 @@ def perplexity_change(base: dict | None, other: dict | None) -> dict:
     if base.get("windows_hash") != other.get("windows_hash") or base["window_tokens"] != other["window_tokens"]:
         return {"reason": "different evaluation windows (text, seed, length or tokenizer differ)"}
     return paired_perplexity_change(base["window_nll_sum"], other["window_nll_sum"], base["window_tokens"])
+
+
+def generative_tasks(result) -> list[str]:
+    """The tasks of an EvalResult that generate their answer (lm-eval's generate_until)."""
+    return [name for name, t in result.tasks.items() if t.get("output_type") == "generate_until"]
+
+
+def result_changes(base, other) -> dict:
+    """other - base for every task both measured, perplexity, and the mean of the generative tasks
+    (which compression hurts most), each paired on the same items or windows; a change that can't
+    be paired holds {"reason": ...} instead (the generative mean: None)."""
+    from mi_opt.evaluate.stats import mean_of_changes
+
+    changes = {name: task_change(base.tasks.get(name), task) for name, task in other.tasks.items()}
+    changes["perplexity"] = perplexity_change(base.perplexity, other.perplexity)
+    generative = [t for t in generative_tasks(other) if t in base.tasks]
+    changes["generative_mean"] = mean_of_changes([changes[t] for t in generative]) if generative else None
+    return changes
