@@ -6,17 +6,26 @@ int8, half nf4". Compared: the sensitivity-driven knapsack per layer and per mod
 module sets filled to the same bytes, positional halves (first half 8-bit and the reverse),
 halves by layer-ablation importance (the `score="importance"` baseline), and uniform nf4 / int8
 (other sizes, for reference). Sensitivity is measured on calibration windows of one text;
-perplexity is judged on the evaluation split of another.
+perplexity is judged on the evaluation split of another, and every allocation is evaluated on
+every item of the shipped tasks. Each row's change from the unquantized model, and from each
+random layer half, is paired on the same windows (bootstrap) and items (McNemar), so the report
+marks only differences a paired test finds.
 
 Target (issue 7): perplexity increase at most 0.3x a random allocation's.
 
     python benchmarks/bits.py                       # full run, writes reports/bits.md and bits.json
     python benchmarks/bits.py --quick               # smaller everything, a smoke run
+
+Resumable: each allocation's per-item results are kept under --cache (keyed by its bits and
+every evaluation setting) and the sensitivities in --out, so an interrupted run picks up where
+it stopped. Speed is not measured here: bitsandbytes on CPU is not how these models deploy
+(see benchmarks/deploy.py for A/B timings of deployable files).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import random
 import statistics
@@ -31,6 +40,10 @@ from tqdm.auto import tqdm
 from mi_opt.arch import get_adapter
 from mi_opt.artifacts import machine, model_fingerprint, versions, write_json
 from mi_opt.data import token_windows
+from mi_opt.evaluate.config import DEFAULT_TASKS
+from mi_opt.evaluate.paired import generative_tasks, result_changes
+from mi_opt.evaluate.result import EvalResult
+from mi_opt.evaluate.stats import mean_of_scores
 from mi_opt.models import load_model
 from mi_opt.plan import INT8_THRESHOLD
 from mi_opt.policy import make_plan
@@ -57,9 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
     p.add_argument("--int8-threshold", type=float, default=INT8_THRESHOLD,
                    help="LLM.int8 outlier threshold of every int8 module (0 = pure vector-wise int8)")
-    p.add_argument("--tasks", default="miopt_arithmetic,miopt_capitals",
-                   help="generative tasks of mi_opt.evaluate ('' to skip)")
-    p.add_argument("--task-limit", type=int, default=20)
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="tasks of mi_opt.evaluate ('' to skip)")
+    p.add_argument("--task-limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--granularities", default="layer,module", help="sensitivity granularities to allocate at")
     p.add_argument("--sensitivity", type=Path, action="append", default=[],
@@ -70,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--render", type=Path, default=None, help="only rewrite bits.md from an existing bits.json")
     p.add_argument("--quick", action="store_true", help="4 calibration / 4 evaluation windows of 128, 1 seed, no tasks")
     p.add_argument("--out", type=Path, default=REPORTS)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mi-opt" / "bench-bits",
+                   help="per-item evaluation results of each allocation, for resuming and pairing")
     args = p.parse_args(argv)
     args.granularities = tuple(g for g in args.granularities.split(",") if g)
     if not args.granularities or any(g not in GRANULARITIES for g in args.granularities):
@@ -79,21 +93,61 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate_allocation(base, tok, bits: dict, args, eval_config) -> dict:
+def evaluate_allocation(base, tok, bits: dict, args, eval_config) -> EvalResult:
+    """The quantized model's evaluation, from the cache when this allocation was evaluated before
+    with the same settings (the key holds the bits, the quantizer and every evaluation setting)."""
+    from dataclasses import asdict
+
     from mi_opt.evaluate import evaluate
 
+    key = json.dumps({"bits": bits, "quant_type": args.quant_type, "int8_threshold": args.int8_threshold,
+                      "model": args.model, "eval": asdict(eval_config)}, sort_keys=True, default=str)
+    path = args.cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.eval.json"
+    if path.exists():
+        return EvalResult.load(path)
     model = copy.deepcopy(base)
-    applied = quantize_(model, bits, args.quant_type, args.int8_threshold) if bits else {}
+    if bits:
+        quantize_(model, bits, args.quant_type, args.int8_threshold)
     result = evaluate(model, tok, eval_config, progress=False)
     del model
-    out = {"perplexity": result.perplexity["perplexity"], "nll_mean": result.perplexity["nll_mean"],
-           "decode_ms_per_token": result.speed["decode_ms_per_token"]["median"],
-           "prefill_ms": result.speed["prefill_ms"]["median"], "memory_bytes": result.speed["memory_bytes"],
-           "n_quantized_modules": len(applied)}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    result.save(path)
+    return result
+
+
+def summarize(result: EvalResult) -> dict:
+    """Perplexity and task scores with their 95% intervals."""
+    out = {"perplexity": result.perplexity["perplexity"], "perplexity_interval": result.perplexity.get("interval"),
+           "nll_mean": result.perplexity["nll_mean"]}
     if result.tasks:
-        out["tasks"] = {name: {"metric": r["primary"], "score": r["metrics"][r["primary"]], "n": r["n"]}
-                        for name, r in result.tasks.items()}
+        out["tasks"] = {name: {"metric": r["primary"], "score": r["metrics"][r["primary"]], "n": r["n"],
+                               "interval": r["score"]["interval"]} for name, r in result.tasks.items()}
+        generative = generative_tasks(result)
+        if generative:
+            mean = mean_of_scores([result.tasks[t]["score"] for t in generative])
+            out["generative_mean"], out["generative_interval"] = mean["mean"], mean["interval"]
     return out
+
+
+def _verdict(change: dict | None) -> dict | None:
+    """The parts of a paired change a report needs."""
+    if not change or "change" not in change:
+        return None
+    return {k: change[k] for k in ("change", "interval", "p_value", "significant", "test") if k in change}
+
+
+def paired_rows(rows: dict, results: dict[str, EvalResult]) -> None:
+    """Each row's changes from the unquantized model and from each random layer half, paired."""
+    reference = results["fp32 (reference)"]
+    randoms = [k for k in results if k.startswith("random layers")]
+    for name, row in rows.items():
+        if name == "fp32 (reference)":
+            continue
+        row["changes"] = {m: _verdict(c) for m, c in result_changes(reference, results[name]).items()}
+        row["vs_random_layers"] = {
+            other: {m: _verdict(c) for m, c in result_changes(results[other], results[name]).items()
+                    if m in ("perplexity", "generative_mean")}
+            for other in randoms if other != name}
 
 
 def random_fill(sizes: dict, budget: int, seed: int) -> dict:
@@ -110,7 +164,8 @@ def random_fill(sizes: dict, budget: int, seed: int) -> dict:
 
 
 def sensitivity_for(granularity: str, base, calib, args) -> QuantSensitivity:
-    """A saved sensitivity of this granularity from --sensitivity, else measured now and saved."""
+    """A saved sensitivity of this granularity from --sensitivity; else the one an earlier run of
+    this benchmark measured the same way (resuming); else measured now and saved."""
     for path in args.sensitivity:
         sens = QuantSensitivity.load(path)
         if sens.method.get("granularity") != granularity:
@@ -121,10 +176,19 @@ def sensitivity_for(granularity: str, base, calib, args) -> QuantSensitivity:
             raise SystemExit(f"{path} measured int8 at outlier threshold {sens.int8_threshold}, "
                              f"not --int8-threshold {args.int8_threshold}")
         return sens
+    saved = args.out / f"bits-sensitivity-{granularity}.json"
+    if saved.exists():
+        sens = QuantSensitivity.load(saved)
+        cal = sens.calibration
+        if (sens.model.get("fingerprint") == model_fingerprint(base) and sens.int8_threshold == args.int8_threshold
+                and sens.method.get("quant_type") == args.quant_type and cal.get("source") == args.calib_source
+                and cal.get("n_samples") == len(calib) and cal.get("seq_len") == calib.shape[1]):
+            print(f"reusing {saved} (measured the same way)", flush=True)
+            return sens
     sens = measure_quant_sensitivity(base, calib, widths=(4, 8), granularity=granularity, quant_type=args.quant_type,
                                      calibration={"source": args.calib_source, "split": "calibration"},
                                      model_spec=args.model, int8_threshold=args.int8_threshold)
-    sens.save(args.out / f"bits-sensitivity-{granularity}.json")
+    sens.save(saved)
     return sens
 
 
@@ -186,24 +250,23 @@ def main(argv=None) -> int:
     timings: dict = {}
     allocations, sensitivities, budget = build_allocations(base, calib, args, timings)
 
-    from mi_opt.evaluate.config import EvalConfig, SpeedConfig
+    from mi_opt.evaluate.config import EvalConfig
 
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    eval_config = EvalConfig(parts=("perplexity", "speed") + (("tasks",) if tasks else ()),
+    eval_config = EvalConfig(parts=("perplexity",) + (("tasks",) if tasks else ()),
                              text_source=args.eval_source, ppl_samples=args.eval_samples, ppl_seq_len=args.seq_len,
-                             tasks=tasks or ("miopt_arithmetic",), task_limit=args.task_limit,
-                             speed=SpeedConfig(prompt_len=64, new_tokens=16, warmup=1, repetitions=3),
-                             threads=args.threads)
-    rows = {}
+                             tasks=tasks or DEFAULT_TASKS, task_limit=args.task_limit, threads=args.threads)
+    rows, results = {}, {}
     for name, (bits, sizes) in tqdm(allocations.items(), desc="evaluating allocations", unit="allocation"):
         t = time.perf_counter()
         avg_bits, size = allocation_size(sizes, bits)
-        rows[name] = {"bits": bits, "linear_bytes": size, "avg_bits": avg_bits,
-                      **evaluate_allocation(base, tok, bits, args, eval_config)}
-        rows[name]["eval_s"] = round(time.perf_counter() - t, 1)
+        results[name] = evaluate_allocation(base, tok, bits, args, eval_config)
+        rows[name] = {"bits": bits, "linear_bytes": size, "avg_bits": avg_bits, **summarize(results[name]),
+                      "eval_s": round(time.perf_counter() - t, 1)}  # ~0 when resumed from the cache
         tqdm.write(f"{name}: ppl {rows[name]['perplexity']:.3f}, {rows[name]['linear_bytes'] / 1e6:.2f} MB")
         write_json(args.out / "bits.partial.json", {"rows": rows})  # a crash later keeps what was measured
 
+    paired_rows(rows, results)
     ref = rows["fp32 (reference)"]["perplexity"]
     randoms = [r["perplexity"] - ref for k, r in rows.items() if k.startswith("random layers")]
     random_increase = statistics.mean(randoms)
@@ -211,7 +274,7 @@ def main(argv=None) -> int:
         r["ppl_increase"] = r["perplexity"] - ref
         r["increase_vs_random"] = r["ppl_increase"] / random_increase if random_increase > 0 else None
     ratios = {k: r["increase_vs_random"] for k, r in rows.items() if k.startswith("sensitivity")}
-    payload = {"schema": "mi-opt/benchmark-bits", "version": 2, "command": "python benchmarks/bits.py " + " ".join(
+    payload = {"schema": "mi-opt/benchmark-bits", "version": 3, "command": "python benchmarks/bits.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "args": {k: str(v) for k, v in vars(args).items()},
         "tasks": list(tasks), "equal_bytes_budget": budget,
         "linear_bytes_16bit": allocation_size(allocations["fp32 (reference)"][1], {})[1],

@@ -6,13 +6,18 @@ from collections import defaultdict
 from mi_opt.evaluate.stats import binomial_interval
 
 
+def _mark(row: dict, metric: str) -> str:
+    """`*` when a paired test finds the change from the unquantized model significant."""
+    return "*" if ((row.get("changes") or {}).get(metric) or {}).get("significant") else ""
+
+
 def _task_score(row: dict, task: str) -> str:
-    """Score with its exact 95% interval: the tasks here are right/wrong per item."""
+    """Score with its 95% interval (exact: the tasks here are right/wrong per item)."""
     r = row.get("tasks", {}).get(task)
     if not r:
         return "-"
-    low, high = binomial_interval(round(r["score"] * r["n"]), r["n"])
-    return f"{r['score']:.2f} [{low:.2f}, {high:.2f}]"
+    low, high = r.get("interval") or binomial_interval(round(r["score"] * r["n"]), r["n"])
+    return f"{r['score']:.2f} [{low:.2f}, {high:.2f}]{_mark(row, task)}"
 
 
 def _task_items(p: dict) -> str:
@@ -20,16 +25,38 @@ def _task_items(p: dict) -> str:
     return "/".join(str(n) for n in counts) or "0"
 
 
+def _perplexity(row: dict) -> str:
+    interval = row.get("perplexity_interval")
+    return f"{row['perplexity']:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "") \
+        + _mark(row, "perplexity")
+
+
+def _vs_random(row: dict, metric: str, digits: int) -> str:
+    """Paired changes from each random layer half, `*` where significant."""
+    changes = [(v or {}).get(metric) for v in (row.get("vs_random_layers") or {}).values()]
+    return " / ".join(f"{c['change']:+.{digits}f}{'*' if c['significant'] else ''}" if c else "n/a"
+                      for c in changes) or "-"
+
+
+def _generative(row: dict) -> str:
+    if "generative_mean" not in row:
+        return "-"
+    low, high = row["generative_interval"]
+    return f"{row['generative_mean']:.3f} [{low:.3f}, {high:.3f}]{_mark(row, 'generative_mean')}"
+
+
 def _table(p: dict) -> list[str]:
     tasks = p["tasks"]
-    lines = ["| allocation | avg bits | linear MB | perplexity | increase | vs random layers | decode ms/token |"
-             + "".join(f" {t} |" for t in tasks),
-             "|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    lines = ["| allocation | avg bits | linear MB | perplexity [95%] | increase | vs random layers (ratio) "
+             "| paired ppl change vs each random half | generative mean [95%] "
+             "| paired generative change vs each random half |" + "".join(f" {t} |" for t in tasks),
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
     for name, r in p["rows"].items():
         vs = "" if r["increase_vs_random"] is None or name.startswith("fp32") else f"{r['increase_vs_random']:.2f}x"
         cells = "".join(f" {_task_score(r, t)} |" for t in tasks)
-        lines.append(f"| {name} | {r['avg_bits']:.2f} | {r['linear_bytes'] / 1e6:.2f} | {r['perplexity']:.3f} | "
-                     f"{r['ppl_increase']:+.3f} | {vs} | {r['decode_ms_per_token']:.1f} |{cells}")
+        lines.append(f"| {name} | {r['avg_bits']:.2f} | {r['linear_bytes'] / 1e6:.2f} | {_perplexity(r)} | "
+                     f"{r['ppl_increase']:+.3f} | {vs} | {_vs_random(r, 'perplexity', 2)} | {_generative(r)} | "
+                     f"{_vs_random(r, 'generative_mean', 3)} |{cells}")
     return lines
 
 
@@ -103,7 +130,8 @@ def render_markdown(p: dict) -> str:
     lines += _chosen_widths(p)
     lines += ["## Notes", "",
               f"- Timings (s): {p['timings']} on {p['machine']['cpu_count']} visible cores, {p['args']['threads']} "
-              "torch threads; latencies are noisy on a shared CPU (compare them within one run only).",
+              "torch threads. Speed is not measured here (bitsandbytes on CPU is not how these models deploy; "
+              "benchmarks/deploy.py times deployable files A/B).",
               "- 4-bit on this CPU runs bitsandbytes' fused AVX512-BF16 kernel (bf16 activations); int8 runs "
               f"LLM.int8 with outlier threshold {first.get('int8_threshold', 0.0)} (input columns with a larger "
               "|activation| in fp16, the rest int8 with fp16 activations rounded per row). Sensitivity was measured "
@@ -113,9 +141,11 @@ def render_markdown(p: dict) -> str:
               "- Sensitivity allocations use `allocate_bits` (the bits planner's knapsack) under `max_bytes` = the "
               "budget. Random modules: modules in a random order, each raised to 8 bits while the bytes fit.",
               "- The reference row is the unquantized model (run in fp32); its linear MB is the bf16 size.",
-              ("- Generative tasks: " + ", ".join(p["tasks"]) + f" (mi_opt.evaluate, exact match), {_task_items(p)} "
-               "items each; [low, high] is the exact 95% (Clopper-Pearson) interval. This benchmark keeps no "
-               "item-level results, so no paired test is made: read a task difference as real only where the "
-               "intervals are far apart (at 20 items they span about 0.4)."
+              ("- Tasks: " + ", ".join(p["tasks"]) + f" (mi_opt.evaluate), {_task_items(p)} items each; [low, "
+               "high] is the exact 95% (Clopper-Pearson) interval, the generative mean's a normal one from the "
+               "tasks'. `*` marks a change from the unquantized model that a paired test finds significant at 95% "
+               "(McNemar on the same items; a paired bootstrap over the same perplexity windows; for the "
+               "generative mean, a normal test from the tasks' paired changes). The 'vs each random half' columns "
+               "are the same paired tests against each random layer half (seeds in order)."
                if p["tasks"] else "- Generative tasks were not run in this report (`--tasks ''`)."), ""]
     return "\n".join(lines)
