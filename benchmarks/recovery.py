@@ -3,9 +3,12 @@
 Each cell is one plan and one way of healing it (or none). A cell heals a fresh copy of the
 compressed model toward the original, then evaluates it: perplexity on the evaluation windows
 of the handbook (the healing text's domain) and of the KJV (a domain healing never reads),
-and every item of the three shipped tasks. Each finished cell is written to
-reports/recovery/cells/<cell>.json at once, so a killed run resumes where it stopped; the
-table and plots are rebuilt from whatever cells exist (benchmarks/recovery_render.py).
+and every item of the five shipped tasks. Each finished cell is written to
+reports/recovery/cells/<cell>.json at once, with its per-item results beside it
+(<cell>.eval.json), so a killed run resumes where it stopped and the report pairs every change
+on the same items and windows; the table and plots are rebuilt from whatever cells exist
+(benchmarks/recovery_render.py). A cell without per-item results (made before they were kept)
+is measured again.
 
     python benchmarks/recovery.py                  # every cell, ~2 h on 2 cores
     python benchmarks/recovery.py --cells drop7    # the cells whose name starts with drop7
@@ -25,6 +28,9 @@ import torch
 from mi_opt.artifacts import machine, model_fingerprint, versions, write_json
 from mi_opt.data import token_windows
 from mi_opt.evaluate import EvalConfig, evaluate
+from mi_opt.evaluate.config import DEFAULT_TASKS
+from mi_opt.evaluate.paired import generative_tasks
+from mi_opt.evaluate.result import EvalResult
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.heal import HealConfig, heal_
 from mi_opt.models import load_model
@@ -38,7 +44,7 @@ from recovery_render import render
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reports" / "recovery"
-TASKS = ("miopt_facts_mc", "miopt_arithmetic", "miopt_capitals")
+TASKS = DEFAULT_TASKS
 LOCAL = {"method": "local", "local_steps": 100, "local_windows": 32}
 DISTILL = {"method": "distill", "train": "localized", "lr": 3e-4}
 
@@ -107,12 +113,29 @@ def eval_config() -> EvalConfig:
                       tasks=TASKS, task_limit=None)
 
 
-def measure(model, tokenizer) -> dict:
+# what a cell keeps of the KJV perplexity: the value, its interval, and the per-window sums to pair on
+KJV_KEYS = ("perplexity", "interval", "windows_hash", "window_nll_sum", "window_tokens")
+
+
+def measure(model, tokenizer) -> tuple[dict, EvalResult]:
+    """The cell's summary and the full evaluation (per-item results, saved beside the cell)."""
     result = evaluate(model, tokenizer, eval_config(), progress=False)
     kjv = perplexity(model, tokenizer, "kjv", 16, 256, 4, 0, False)  # a domain healing never trains on
     tasks = {name: t["metrics"][t["primary"]] for name, t in result.tasks.items()}
-    return {"perplexity": result.perplexity["perplexity"], "perplexity_kjv": kjv["perplexity"], "tasks": tasks,
-            "n_items": {name: t["n"] for name, t in result.tasks.items()}}
+    summary = {"perplexity": result.perplexity["perplexity"], "perplexity_kjv": kjv["perplexity"],
+               "kjv": {k: kjv[k] for k in KJV_KEYS}, "tasks": tasks, "generative": generative_tasks(result),
+               "n_items": {name: t["n"] for name, t in result.tasks.items()}}
+    return summary, result
+
+
+def save_cell(name: str, cell: dict, result: EvalResult) -> None:
+    """Per-item results first, the cell last: the cell's file is what marks it finished."""
+    result.save(OUT / "cells" / f"{name}.eval.json")
+    write_json(OUT / "cells" / f"{name}.json", cell)
+
+
+def finished(name: str) -> bool:
+    return (OUT / "cells" / f"{name}.json").exists() and (OUT / "cells" / f"{name}.eval.json").exists()
 
 
 def make_layer_plan(model, tokenizer, options: dict) -> CompressionPlan:
@@ -149,7 +172,7 @@ def plan_for(name: str, model, tokenizer) -> CompressionPlan:
     return plan
 
 
-def run_cell(name: str, teacher, tokenizer) -> dict:
+def run_cell(name: str, teacher, tokenizer) -> tuple[dict, EvalResult]:
     plan_name, heal = CELLS[name]
     student = copy.deepcopy(teacher)
     apply_(student, plan_for(plan_name, teacher, tokenizer))
@@ -159,9 +182,10 @@ def run_cell(name: str, teacher, tokenizer) -> dict:
         record = heal_(student, teacher, plan_for(plan_name, teacher, tokenizer), HealConfig(**heal), tokenizer,
                        work_dir=OUT / "work" / name)
         print(f"{name}: healed in {time.perf_counter() - started:.0f} s", flush=True)
-    result = {"cell": name, "plan": plan_name, "heal": heal, **measure(student, tokenizer),
-              "heal_record": record.to_dict() if record else None, "machine": machine(), "versions": versions()}
-    return result
+    summary, result = measure(student, tokenizer)
+    cell = {"cell": name, "plan": plan_name, "heal": heal, **summary,
+            "heal_record": record.to_dict() if record else None, "machine": machine(), "versions": versions()}
+    return cell, result
 
 
 def main(argv=None) -> None:
@@ -171,15 +195,15 @@ def main(argv=None) -> None:
     if not args.render:
         torch.set_num_threads(args.threads)
         teacher, tokenizer = load_model("smollm2-135m")
-        original = OUT / "cells" / "original.json"
-        if not original.exists():
-            write_json(original, {"cell": "original", "plan": None, "heal": None, **measure(teacher, tokenizer)})
+        if not finished("original"):
+            summary, result = measure(teacher, tokenizer)
+            save_cell("original", {"cell": "original", "plan": None, "heal": None, **summary}, result)
         for name in CELLS:
             path = OUT / "cells" / f"{name}.json"
-            if path.exists() or (args.cells and not name.startswith(tuple(args.cells))):
+            if finished(name) or (args.cells and not name.startswith(tuple(args.cells))):
                 continue
             print(f"cell {name}", flush=True)
-            write_json(path, run_cell(name, teacher, tokenizer))
+            save_cell(name, *run_cell(name, teacher, tokenizer))
             shutil.rmtree(OUT / "work" / name, ignore_errors=True)  # resumable checkpoints, hundreds of MB
             print(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
                               if k in ("perplexity", "perplexity_kjv", "tasks")}), flush=True)

@@ -9,16 +9,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mi_opt.evaluate.paired import perplexity_change, result_changes  # noqa: E402
+from mi_opt.evaluate.result import EvalResult  # noqa: E402
 from mi_opt.evaluate.stats import binomial_interval  # noqa: E402
 
-GENERATIVE = ("miopt_arithmetic", "miopt_capitals")
+SHORT = {"miopt_facts_mc": "facts (MC)", "miopt_arithmetic": "arithmetic", "miopt_capitals": "capitals",
+         "miopt_name_lookup": "name lookup", "miopt_sequences": "sequences"}
+# cells made before they recorded which tasks generate
+OLD_GENERATIVE = ("miopt_arithmetic", "miopt_capitals")
 
 
 def _load(out: Path, cells: dict) -> tuple[dict | None, dict]:
     """The original's cell and the finished cells scored on the same task items as it. A cell
     measured after the task files changed (other item counts) is left out, said so at the end:
-    comparing its scores with the original's would compare different questions."""
-    found = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    comparing its scores with the original's would compare different questions. Each cell's
+    per-item results, where kept, come along under "eval"."""
+    found = {}
+    for path in (out / "cells").glob("*.json"):
+        if path.name.endswith((".eval.json", ".lm_eval.json")):
+            continue
+        found[path.stem] = json.loads(path.read_text())
+        beside = path.with_name(f"{path.stem}.eval.json")
+        found[path.stem]["eval"] = EvalResult.load(beside) if beside.exists() else None
     original = found.get("original")
     same = {n: found[n] for n in cells if n in found
             and (original is None or found[n].get("n_items") == original.get("n_items"))}
@@ -28,8 +40,34 @@ def _load(out: Path, cells: dict) -> tuple[dict | None, dict]:
     return original, same
 
 
+def _generative_tasks(cell: dict) -> tuple[str, ...]:
+    return tuple(cell.get("generative") or OLD_GENERATIVE)
+
+
 def _generative(cell: dict) -> float:
-    return sum(cell["tasks"][t] for t in GENERATIVE) / len(GENERATIVE)
+    tasks = _generative_tasks(cell)
+    return sum(cell["tasks"][t] for t in tasks) / len(tasks)
+
+
+def _changes(base: dict | None, cell: dict) -> dict:
+    """cell - base, paired on the same items and windows (KJV included); {} without per-item results."""
+    if not base or base.get("eval") is None or cell.get("eval") is None:
+        return {}
+    out = result_changes(base["eval"], cell["eval"])
+    out["perplexity_kjv"] = perplexity_change(base.get("kjv"), cell.get("kjv"))
+    return out
+
+
+def _mark(changes: dict, metric: str) -> str:
+    return "*" if (changes.get(metric) or {}).get("significant") else ""
+
+
+def _paired(changes: dict, metric: str, digits: int) -> str:
+    c = changes.get(metric) or {}
+    if "change" not in c:
+        return "-"
+    lo, hi = (round(v, digits) + 0.0 for v in c["interval"])
+    return f"{c['change']:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{'*' if c['significant'] else ''}"
 
 
 def _ratio(value: float, unhealed: float, original: float) -> float:
@@ -52,13 +90,30 @@ def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
              if unhealed and heal else "1x" if unhealed else "-")
     ratio_kjv = (f"{_ratio(cell['perplexity_kjv'], unhealed['perplexity_kjv'], original['perplexity_kjv']):.2f}x"
                  if unhealed and heal else "1x" if unhealed else "-")
-    tasks = " | ".join(_score(cell, t) for t in ("miopt_facts_mc", *GENERATIVE))
-    return (f"| {name} | {how} | {tokens} | {wall} | {cell['perplexity']:.2f} | {ratio} | {cell['perplexity_kjv']:.2f} "
-            f"| {ratio_kjv} | {tasks} | {_generative(cell):.3f} |")
+    vs_original = _changes(original, cell) if cell is not original else {}
+    healing = _changes(unhealed, cell) if heal and unhealed else {}
+    tasks = " | ".join(_score(cell, t) + _mark(vs_original, t) for t in _task_columns(original))
+    return (f"| {name} | {how} | {tokens} | {wall} | {_ppl(cell, 'perplexity')}{_mark(vs_original, 'perplexity')} "
+            f"| {ratio} | {_ppl(cell, 'perplexity_kjv')}{_mark(vs_original, 'perplexity_kjv')} | {ratio_kjv} "
+            f"| {tasks} | {_generative(cell):.3f}{_mark(vs_original, 'generative_mean')} "
+            f"| {_paired(healing, 'perplexity', 1)} | {_paired(healing, 'generative_mean', 3)} |")
+
+
+def _task_columns(original: dict) -> list[str]:
+    return [t for t in original["tasks"] if t not in _generative_tasks(original)] + list(_generative_tasks(original))
+
+
+def _ppl(cell: dict, key: str) -> str:
+    """Perplexity with its 95% interval where the cell kept one."""
+    interval = (cell["eval"].perplexity.get("interval") if key == "perplexity" and cell.get("eval")
+                else (cell.get("kjv") or {}).get("interval") if key == "perplexity_kjv" else None)
+    return f"{cell[key]:.2f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
 
 
 def _score(cell: dict, task: str) -> str:
-    """A right/wrong task's score with its exact 95% interval (the cells keep no item-level results)."""
+    """A right/wrong task's score with its exact 95% interval."""
+    if task not in cell["tasks"]:
+        return "-"
     score, n = cell["tasks"][task], cell.get("n_items", {}).get(task)
     if not n:
         return f"{score:.3f}"
@@ -157,21 +212,30 @@ def render(out: Path, cells: dict) -> Path | None:
              "Perplexity on 16 x 256 evaluation windows of handbook + KJV (the recipes' setting) and, separately, "
              "of the KJV alone, a domain healing never trains on. Tasks: every item. 'remaining' is the share of "
              "the unhealed perplexity increase that is left (0 = fully recovered).", "",
-             "| cell | heal | tokens | heal s | perplexity | remaining | KJV ppl | remaining (KJV) | facts (MC) "
-             "| arithmetic | capitals | generative mean |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             "| cell | heal | tokens | heal s | perplexity | remaining | KJV ppl | remaining (KJV) | "
+             + " | ".join(SHORT.get(t, t) for t in _task_columns(original))
+             + " | generative mean | healing: paired ppl change | healing: paired generative change |",
+             "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(_task_columns(original)) + "---:|---:|---:|",
              _row("original", original, None, original)]
     for name, cell in found.items():
         unhealed = found.get(f"{cell['plan']}-unhealed")
         lines.append(_row(name, cell, unhealed, original))
     items = ", ".join(f"{k}: {v}" for k, v in original.get("n_items", {}).items())
-    lines += ["", f"Items per task: {items}. [low, high]: exact 95% (Clopper-Pearson) interval. The cells keep no "
-              "item-level results, so no paired test is made: read a task difference as real only where the "
-              "intervals are apart.", "", *_targets(original, found)]
+    paired = original.get("eval") is not None and all(c.get("eval") is not None for c in found.values())
+    lines += ["", f"Items per task: {items}. [low, high]: exact 95% (Clopper-Pearson) interval for tasks, "
+              "bootstrap over windows for perplexity. "
+              + ("`*` marks a change from the original that a paired test finds significant at 95% (McNemar on "
+                 "the same items; paired bootstrap over the same windows; for the generative mean, a normal test "
+                 "from the tasks' paired changes). The 'healing' columns pair each healed cell with its plan's "
+                 "unhealed cell the same way: what healing bought, with its interval."
+                 if paired else "Some cells keep no item-level results, so they carry no paired test: read their "
+                 "task differences as real only where the intervals are apart."), "", *_targets(original, found)]
     if (out / "NOTES.md").exists():  # what this particular run was like (machine load, what it left out)
         lines += [(out / "NOTES.md").read_text().strip(), ""]
     lines += [f"![recovery against tokens]({f})" for f in _plot(original, found, out)]
     path = out.parent / "recovery.md"
     path.write_text("\n".join(lines) + "\n")
-    (out.parent / "recovery.json").write_text(json.dumps({"original": original, "cells": found}, indent=1) + "\n")
+    strip = lambda cell: {k: v for k, v in cell.items() if k != "eval"}  # noqa: E731 (per-item results stay in cells/)
+    (out.parent / "recovery.json").write_text(json.dumps({"original": strip(original),
+                                                          "cells": {n: strip(c) for n, c in found.items()}}, indent=1) + "\n")
     return path
