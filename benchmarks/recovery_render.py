@@ -36,7 +36,8 @@ def _load(out: Path, cells: dict) -> tuple[dict | None, dict]:
             and (original is None or found[n].get("n_items") == original.get("n_items"))}
     for n in sorted(set(cells) & set(found) - set(same)):
         print(f"left out {n}: scored on {found[n].get('n_items')} task items, the original on "
-              f"{original.get('n_items')}; rerun both (delete reports/recovery/cells/original.json)")
+              f"{original.get('n_items')}; `python benchmarks/recovery.py` measures it again (a cell without "
+              "per-item results is remeasured; delete its cells/ files to force it)")
     return original, same
 
 
