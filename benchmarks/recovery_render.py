@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mi_opt.evaluate.paired import perplexity_change, result_changes  # noqa: E402
+from mi_opt.evaluate.paired import change_text, perplexity_change, result_changes  # noqa: E402
 from mi_opt.evaluate.result import EvalResult  # noqa: E402
 from mi_opt.evaluate.stats import binomial_interval  # noqa: E402
 
@@ -63,14 +63,6 @@ def _mark(changes: dict, metric: str) -> str:
     return "*" if (changes.get(metric) or {}).get("significant") else ""
 
 
-def _paired(changes: dict, metric: str, digits: int) -> str:
-    c = changes.get(metric) or {}
-    if "change" not in c:
-        return "-"
-    lo, hi = (round(v, digits) + 0.0 for v in c["interval"])
-    return f"{c['change']:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{'*' if c['significant'] else ''}"
-
-
 def _ratio(value: float, unhealed: float, original: float) -> float:
     """How much of the unhealed perplexity increase remains (1 = none recovered, 0 = all)."""
     return (value - original) / (unhealed - original)
@@ -97,7 +89,8 @@ def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
     return (f"| {name} | {how} | {tokens} | {wall} | {_ppl(cell, 'perplexity')}{_mark(vs_original, 'perplexity')} "
             f"| {ratio} | {_ppl(cell, 'perplexity_kjv')}{_mark(vs_original, 'perplexity_kjv')} | {ratio_kjv} "
             f"| {tasks} | {_generative(cell):.3f}{_mark(vs_original, 'generative_mean')} "
-            f"| {_paired(healing, 'perplexity', 1)} | {_paired(healing, 'generative_mean', 3)} |")
+            f"| {change_text(healing.get('perplexity'), 1) or '-'} "
+            f"| {change_text(healing.get('generative_mean'), 3) or '-'} |")
 
 
 def _task_columns(original: dict) -> list[str]:

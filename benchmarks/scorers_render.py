@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mi_opt.evaluate.paired import change_text
+
 SHORT = {"miopt_facts_mc": "facts MC", "miopt_arithmetic": "arith", "miopt_capitals": "capitals",
          "miopt_name_lookup": "lookup", "miopt_sequences": "sequences"}
 
@@ -105,14 +107,6 @@ def _summary(data: dict, kind: str) -> list[str]:
     return lines
 
 
-def _change(c: dict | None, digits: int) -> str:
-    """A paired change with its 95% interval and `*` when significant; '' when it could not be paired."""
-    if not c or "change" not in c:
-        return ""
-    lo, hi = (round(v, digits) + 0.0 for v in c["interval"])
-    return f"{c['change']:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{'*' if c.get('significant') else ''}"
-
-
 def _versus(data: dict, kind: str) -> list[str]:
     """Each method's plan against the reference method's plan at the same budget, paired."""
     out = []
@@ -133,8 +127,8 @@ def _versus(data: dict, kind: str) -> list[str]:
         if v.get("same_plan"):
             lines.append(f"| {label} | {name.removeprefix('heads/')} | same plan | same plan |")
             continue
-        lines.append(f"| {label} | {name.removeprefix('heads/')} | {_change(v['perplexity'], 1)} | "
-                     f"{_change(v.get('generative_mean'), 3)} |")
+        lines.append(f"| {label} | {name.removeprefix('heads/')} | {change_text(v['perplexity'], 1) or ''} | "
+                     f"{change_text(v.get('generative_mean'), 3) or ''} |")
     return lines
 
 

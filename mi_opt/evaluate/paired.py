@@ -7,7 +7,7 @@ significance verdict rather than guess one.
 """
 from __future__ import annotations
 
-from mi_opt.evaluate.stats import paired_change, paired_perplexity_change
+from mi_opt.evaluate.stats import mean_of_changes, paired_change, paired_perplexity_change
 
 
 def task_items(task: dict) -> dict[tuple[int, str], float]:
@@ -52,10 +52,17 @@ def result_changes(base, other) -> dict:
     """other - base for every task both measured, perplexity, and the mean of the generative tasks
     (which compression hurts most), each paired on the same items or windows; a change that can't
     be paired holds {"reason": ...} instead (the generative mean: None)."""
-    from mi_opt.evaluate.stats import mean_of_changes
-
     changes = {name: task_change(base.tasks.get(name), task) for name, task in other.tasks.items()}
     changes["perplexity"] = perplexity_change(base.perplexity, other.perplexity)
     generative = [t for t in generative_tasks(other) if t in base.tasks]
     changes["generative_mean"] = mean_of_changes([changes[t] for t in generative]) if generative else None
     return changes
+
+
+def change_text(change: dict | None, digits: int) -> str | None:
+    """'+1.2 [0.3, 2.1]*': a paired change, its 95% interval (a bound that rounds to zero prints
+    0, not -0) and `*` when significant; None when the change could not be paired."""
+    if not change or "change" not in change:
+        return None
+    lo, hi = (round(v, digits) + 0.0 for v in change["interval"])
+    return f"{change['change']:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{'*' if change['significant'] else ''}"

@@ -49,3 +49,11 @@ def test_results_without_per_item_data_give_reasons_not_verdicts():
                       tasks={name: {k: v for k, v in t.items() if k != "items"} for name, t in base.tasks.items()})
     changes = result_changes(base, bare)
     assert "reason" in changes["a"] and "reason" in changes["perplexity"] and changes["generative_mean"] is None
+
+
+def test_change_text_shows_interval_and_mark_and_none_when_unpaired():
+    from mi_opt.evaluate.paired import change_text
+
+    assert change_text({"change": -1.234, "interval": [-2.0, -0.0004], "significant": True}, 1) == "-1.2 [-2.0, 0.0]*"
+    assert change_text({"change": 0.5, "interval": [-0.1, 1.1], "significant": False}, 2) == "+0.50 [-0.10, 1.10]"
+    assert change_text({"reason": "no per-item results"}, 1) is None and change_text(None, 1) is None
