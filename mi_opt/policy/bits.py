@@ -3,15 +3,17 @@
 Scores: by default each unit's own quantization damage at each width (quant_sensitivity.py),
 measured on the calibration windows or read from a saved "mi-opt/quant-sensitivity" file. The
 `score="importance"` mode allocates from the profile's layer-ablation scores instead; it exists
-as a baseline: on SmolLM2 it did worse than random layer halves (1.20x their perplexity
-increase, reports/bits.md): layer importance is not quantization sensitivity.
+as a baseline: on SmolLM2 it did worse than random layer halves (1.21x their perplexity
+increase and fewer generative items right, reports/bits.md): layer importance is not
+quantization sensitivity.
 
 Granularity: per module by default. A layer's quantization damage is mostly one or two of its
 linears (on SmolLM2: down_proj in layers 11 and 29, v_proj everywhere), so one width per layer
 pays 8 bits for modules that do not need them. Measured at equal bytes (benchmarks/bits.py,
-calibrated on handbook prose, judged on KJV): per-module allocation had 0.41x the perplexity
-increase of random layer halves ({4, 8, 16}; 0.50x with {4, 8}), per-layer 0.83x. The price is 7
-calibration runs per layer instead of 1 (about 20 min against 3 for 8 x 256 tokens on 2 cores).
+calibrated on handbook prose, judged on KJV and every task item, paired): per-module allocation
+had 0.44x the perplexity increase of random layer halves ({4, 8, 16}; 0.48x with {4, 8}, a tie on
+perplexity and slightly more generative items right), per-layer 0.88x. The price is 7
+calibration runs per layer instead of 1 (about 17 min against 2.5 for 8 x 256 tokens on 2 cores).
 
 Allocation: a multiple-choice knapsack (one width per unit, summed damage minimized, summed cost
 within the budget), solved by dynamic programming over cost buckets. Costs are counted in their
