@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mi_opt.evaluate.speed import median_spread
-from mi_opt.evaluate.paired import perplexity_change
+from mi_opt.evaluate.paired import change_text, perplexity_change
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "original, transformers fp32"
@@ -37,11 +37,8 @@ def _paired(base: dict, other: dict) -> dict | None:
 
 
 def _fmt_change(change: dict | None) -> str:
-    """+1.401 [+1.102, +1.735]* : the change, its 95% interval, * when the paired test finds it."""
-    if change is None:
-        return "(no per-window results: not tested)"
-    lo, hi = change["interval"]
-    return f"{change['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("*" if change["significant"] else "")
+    """+1.401 [1.102, 1.735]* : the change, its 95% interval, * when the paired test finds it."""
+    return change_text(change, 3) or "(no per-window results: not tested)"
 
 
 def _types(types: dict[str, int]) -> str:

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mi_opt.evaluate.paired import perplexity_change, task_change  # noqa: E402
+from mi_opt.evaluate.paired import result_changes  # noqa: E402
 from mi_opt.evaluate.result import EvalResult  # noqa: E402
 
 GENERATIVE = ("miopt_arithmetic", "miopt_capitals", "miopt_name_lookup", "miopt_sequences")
@@ -36,14 +36,6 @@ def _load(out: Path) -> dict[str, dict]:
     return cells
 
 
-def _changes(cell: dict, original: dict) -> dict:
-    base, other = original["eval"], cell["eval"]
-    out = {"perplexity": perplexity_change(base.perplexity, other.perplexity)}
-    for task in SHORT:
-        out[task] = task_change(base.tasks.get(task), other.tasks.get(task))
-    return out
-
-
 def _correct(cell: dict) -> int:
     """Generative items answered right (of every generative item)."""
     return round(sum(cell["tasks"][t] * cell["n_items"][t] for t in GENERATIVE))
@@ -63,7 +55,7 @@ def _speed(cell: dict, speed: dict | None, key: str) -> str:
 
 
 def _row(cell: dict, original: dict, speed: dict | None) -> str:
-    ch = _changes(cell, original)
+    ch = result_changes(original["eval"], cell["eval"])
     ppl = cell["perplexity"]
     lo, hi = cell["eval"].perplexity["interval"]
     removed = 1 - cell["decoder_params"] / original["decoder_params"]
