@@ -1,4 +1,7 @@
-"""reports/recovery.md and its plots, from the finished cells of benchmarks/recovery.py."""
+"""reports/recovery.md and its plots, from the finished cells of benchmarks/recovery.py.
+
+    python benchmarks/recovery_render.py    # prints the README's condensed recovery table
+"""
 from __future__ import annotations
 
 import json
@@ -167,6 +170,39 @@ def _targets(original: dict, found: dict) -> list[str]:
     return lines + [""]
 
 
+# The questions the cells were laid out to answer, each as (question, A, B): B - A, paired on the
+# same items and windows. Pairs with a cell not yet measured are skipped.
+HEAD_TO_HEAD = (
+    ("LoRA (rank 16) instead of every weight (drop 7, 40 steps)", "drop7-distill-all-40", "drop7-distill-lora-40"),
+    ("half the windows teacher-written (drop 7, all, 40 steps)", "drop7-distill-all-40", "drop7-distill-all-40-self"),
+    ("localized, 40 steps, against every weight, 15 steps (nearest in time)", "drop7-distill-all-15",
+     "drop7-distill-localized-40"),
+    ("local repair before localized distillation (drop 7, 40 steps)", "drop7-distill-localized-40",
+     "drop7-local+distill-localized-40"),
+    ("120 steps instead of 40 (drop 7, local + distill)", "drop7-local+distill-localized-40",
+     "drop7-local+distill-localized-120"),
+    ("exact ablation's 4-layer plan instead of block influence's, unhealed", "drop4-unhealed", "drop4-causal-unhealed"),
+    ("the same, healed (local + distill, 20 steps)", "drop4-local+distill-localized-20",
+     "drop4-causal-local+distill-localized-20"),
+    ("6 layers dropped instead of 4, healed", "drop4-local+distill-localized-20", "drop6-local+distill-localized-40"),
+    ("adapters kept unmerged instead of merged and requantized (bits-mix)", "bits-mix-distill-localized-20",
+     "bits-mix-distill-localized-20-keep"),
+)
+
+
+def _head_to_head(found: dict) -> list[str]:
+    lines = ["## Head to head", "", "B - A on the same items and windows; `*` = significant by the paired test.", "",
+             "| question | A | B | perplexity | KJV perplexity | facts (MC) | generative mean |", "|---|---|---|---:|---:|---:|---:|"]
+    for question, a, b in HEAD_TO_HEAD:
+        if a not in found or b not in found:
+            continue
+        changes = _changes(found[a], found[b])
+        cols = [change_text(changes.get(k), d) or "-" for k, d in
+                (("perplexity", 2), ("perplexity_kjv", 2), ("miopt_facts_mc", 3), ("generative_mean", 3))]
+        lines.append(f"| {question} | {a} | {b} | " + " | ".join(cols) + " |")
+    return lines + [""]
+
+
 def _plot(original: dict, cells: dict, out: Path) -> list[str]:
     written = []
     for x_key, label, fname in (("tokens", "training tokens", "recovery-tokens.png"),
@@ -223,7 +259,8 @@ def render(out: Path, cells: dict) -> Path | None:
                  "from the tasks' paired changes). The 'healing' columns pair each healed cell with its plan's "
                  "unhealed cell the same way: what healing bought, with its interval."
                  if paired else "Some cells keep no item-level results, so they carry no paired test: read their "
-                 "task differences as real only where the intervals are apart."), "", *_targets(original, found)]
+                 "task differences as real only where the intervals are apart."), "", *_targets(original, found),
+              *_head_to_head(found)]
     if (out / "NOTES.md").exists():  # what this particular run was like (machine load, what it left out)
         lines += [(out / "NOTES.md").read_text().strip(), ""]
     lines += [f"![recovery against tokens]({f})" for f in _plot(original, found, out)]
@@ -233,3 +270,55 @@ def render(out: Path, cells: dict) -> Path | None:
     (out.parent / "recovery.json").write_text(json.dumps({"original": strip(original),
                                                           "cells": {n: strip(c) for n, c in found.items()}}, indent=1) + "\n")
     return path
+
+
+# The README's rows, grouped by plan in order of how much they remove.
+README_PLANS = ("drop4", "drop4-causal", "drop6", "drop7", "drop8", "heads-quarter", "heads-third", "bits-mix")
+
+
+def _heal_words(heal: dict | None) -> str:
+    if heal is None:
+        return "none"
+    words = {"local": "local repair", "distill": "distill", "local+distill": "local repair + distill"}[heal["method"]]
+    if heal["method"] != "local":
+        words += f", {heal.get('train', 'localized')}, {heal['steps']} steps"
+    if heal.get("self_generated"):
+        words += f", {heal['self_generated']:.0%} teacher-written"
+    if heal.get("adapters") == "keep":
+        words += ", adapters kept unmerged"
+    return words
+
+
+def readme_table(out: Path, cells: dict) -> str:
+    """The README's table: one row per cell, grouped by plan; scores marked * where the paired test
+    against the original says so, and what healing bought paired against the unhealed cell."""
+    original, found = _load(out, cells)
+    tasks = _task_columns(original)
+    lines = ["| plan | heal | heal time | perplexity (remaining) | KJV only (remaining) | "
+             + " | ".join(SHORT.get(t, t) for t in tasks) + " | generative mean | healing bought: perplexity "
+             "| healing bought: generative |", "|---|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"]
+    rows = [("original", original)] + sorted(
+        ((n, c) for n, c in found.items() if c["plan"] in README_PLANS),
+        key=lambda kv: (README_PLANS.index(kv[1]["plan"]), kv[1]["heal"] is not None, list(cells).index(kv[0])))
+    for name, cell in rows:
+        unhealed = found.get(f"{cell['plan']}-unhealed") if cell["plan"] else None
+        vs_original = _changes(original, cell) if cell is not original else {}
+        healing = _changes(unhealed, cell) if cell["heal"] and unhealed else {}
+        rec = cell.get("heal_record")
+        values = []
+        for key in ("perplexity", "perplexity_kjv"):
+            ratio = (f" ({_ratio(cell[key], unhealed[key], original[key]):.2f}x)" if cell["heal"] and unhealed else "")
+            values.append(f"{cell[key]:.2f}{_mark(vs_original, key)}{ratio}")
+        values += [f"{cell['tasks'][t]:.3f}{_mark(vs_original, t)}" for t in tasks]
+        values.append(f"{_generative(cell):.3f}{_mark(vs_original, 'generative_mean')}")
+        values += [change_text(healing.get("perplexity"), 1) or "-", change_text(healing.get("generative_mean"), 3) or "-"]
+        wall = f"{rec['cost']['wall_time_s'] / 60:.1f} min" if rec else "-"
+        lines.append(f"| {cell['plan'] or 'original'} | {_heal_words(cell['heal']) if cell['plan'] else '-'} | {wall} | "
+                     + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python benchmarks/recovery_render.py: the README's table
+    from recovery import CELLS, OUT  # the script's own folder is on sys.path when run as a script
+
+    print(readme_table(OUT, CELLS))
