@@ -71,15 +71,23 @@ def _ratio(value: float, unhealed: float, original: float) -> float:
     return (value - original) / (unhealed - original)
 
 
+def _heal_words(heal: dict | None) -> str:
+    if heal is None:
+        return "none"
+    words = {"local": "local repair", "distill": "distill", "local+distill": "local repair + distill"}[heal["method"]]
+    if heal["method"] != "local":
+        words += f", {heal.get('train', 'localized')}, {heal['steps']} steps"
+    if heal.get("self_generated"):
+        words += f", {heal['self_generated']:.0%} teacher-written"
+    if heal.get("adapters") == "keep":
+        words += ", adapters kept unmerged"
+    return words
+
+
 def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
     rec = cell.get("heal_record")
     heal = cell["heal"]
-    how = "-" if heal is None else f"{heal['method']}" + (f", {heal.get('train', 'localized')}"
-                                                          if heal["method"] != "local" else "")
-    if heal and heal.get("self_generated"):
-        how += f", {heal['self_generated']:.0%} self-generated"
-    if heal and heal.get("adapters") == "keep":
-        how += ", adapters kept unmerged"
+    how = "-" if heal is None else _heal_words(heal)
     tokens = f"{_tokens(rec):,}" if rec else "-"
     wall = f"{rec['cost']['wall_time_s']:.0f}" if rec else "-"
     ratio = (f"{_ratio(cell['perplexity'], unhealed['perplexity'], original['perplexity']):.2f}x"
@@ -272,21 +280,8 @@ def render(out: Path, cells: dict) -> Path | None:
     return path
 
 
-# The README's rows, grouped by plan in order of how much they remove.
+# The README's rows, grouped by plan: depth plans by layers dropped, then heads, then bits.
 README_PLANS = ("drop4", "drop4-causal", "drop6", "drop7", "drop8", "heads-quarter", "heads-third", "bits-mix")
-
-
-def _heal_words(heal: dict | None) -> str:
-    if heal is None:
-        return "none"
-    words = {"local": "local repair", "distill": "distill", "local+distill": "local repair + distill"}[heal["method"]]
-    if heal["method"] != "local":
-        words += f", {heal.get('train', 'localized')}, {heal['steps']} steps"
-    if heal.get("self_generated"):
-        words += f", {heal['self_generated']:.0%} teacher-written"
-    if heal.get("adapters") == "keep":
-        words += ", adapters kept unmerged"
-    return words
 
 
 def readme_table(out: Path, cells: dict) -> str:
