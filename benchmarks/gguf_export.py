@@ -5,7 +5,10 @@
 Each row exports the bundled model (its plan's structure applied first, nothing else) with
 `export(..., format="gguf")`, which verifies the file by a transformers reload, then reads the
 file back with `from_pretrained(gguf_file=...)` and measures perplexity on the recipes'
-evaluation windows (handbook + KJV, 16 x 256 tokens). The README's llama.cpp table comes from here.
+evaluation windows (handbook + KJV, 16 x 256 tokens), keeping the per-window sums so that each
+file's change from the original is paired over the same windows (bootstrap interval, * when it
+excludes 0). The README's GGUF table comes from here. A row without per-window sums (made before
+they were kept) is measured again.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mi_opt.artifacts import machine, versions, write_json
+from mi_opt.evaluate.paired import change_text, perplexity_change
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.export import export
 from mi_opt.formats.gguf import apply_structure_
@@ -55,6 +59,15 @@ ROWS = {
 }
 
 
+# what a row keeps of its perplexity: the value, its interval, and the per-window sums to pair on
+PPL_KEYS = ("perplexity", "interval", "windows_hash", "window_nll_sum", "window_tokens")
+
+
+def measure_perplexity(model, tokenizer) -> dict:
+    result = perplexity(model, tokenizer, "handbook+kjv", 16, 256, 4, 0, progress=False)
+    return {k: result[k] for k in PPL_KEYS}
+
+
 def measure_row(name: str, original, tokenizer) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -67,17 +80,19 @@ def measure_row(name: str, original, tokenizer) -> dict:
         export_s = time.perf_counter() - started
         size = (out / "model.gguf").stat().st_size
         reread = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
-        ppl = perplexity(reread, tokenizer, "handbook+kjv", 16, 256, 4, 0, progress=False)["perplexity"]
-    return {"file_mb": round(size / 1e6, 1), "perplexity": round(ppl, 3), "export_s": round(export_s, 1)}
+        ppl = measure_perplexity(reread, tokenizer)
+    return {"file_mb": round(size / 1e6, 1), **ppl, "export_s": round(export_s, 1)}
 
 
 def render(data: dict) -> Path:
     lines = ["# GGUF exports of SmolLM2-135M-Instruct", "",
              "Made by `python benchmarks/gguf_export.py`. Perplexity of each file as transformers reads it "
              f"(`gguf_file=`), on 16 x 256 evaluation windows of handbook + KJV; the original: "
-             f"{data['original_perplexity']:.3f}.", "",
-             "| GGUF export | file | perplexity | export s |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['file_mb']} MB | {r['perplexity']:.3f} | {r['export_s']:.0f} |"
+             f"{data['original']['perplexity']:.3f}. Change: paired over the same windows, 95% bootstrap "
+             "interval, * when it excludes 0.", "",
+             "| GGUF export | file | perplexity | change from the original | export s |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {r['file_mb']} MB | {r['perplexity']:.3f} | "
+              f"{change_text(perplexity_change(data['original'], r), 3) or '-'} | {r['export_s']:.0f} |"
               for name, r in data["rows"].items()]
     path = OUT.with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
@@ -90,12 +105,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
+    data.pop("original_perplexity", None)  # files made before per-window sums were kept
     original, tokenizer = load_model("smollm2-135m")
-    if "original_perplexity" not in data:
-        data["original_perplexity"] = perplexity(original, tokenizer, "handbook+kjv", 16, 256, 4, 0,
-                                                 progress=False)["perplexity"]
+    if "window_nll_sum" not in data.get("original", {}):
+        data["original"] = measure_perplexity(original, tokenizer)
     for name in ROWS:
-        if name in data["rows"]:
+        if "window_nll_sum" in data["rows"].get(name, {}):
             continue
         print(f"row {name}", flush=True)
         data["rows"][name] = measure_row(name, original, tokenizer)
