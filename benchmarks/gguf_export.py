@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mi_opt.artifacts import machine, versions, write_json
-from mi_opt.evaluate.paired import change_text, perplexity_change
+from mi_opt.evaluate.paired import change_text, pairable_perplexity, perplexity_change
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.export import export
 from mi_opt.formats.gguf import apply_structure_
@@ -59,13 +59,8 @@ ROWS = {
 }
 
 
-# what a row keeps of its perplexity: the value, its interval, and the per-window sums to pair on
-PPL_KEYS = ("perplexity", "interval", "windows_hash", "window_nll_sum", "window_tokens")
-
-
 def measure_perplexity(model, tokenizer) -> dict:
-    result = perplexity(model, tokenizer, "handbook+kjv", 16, 256, 4, 0, progress=False)
-    return {k: result[k] for k in PPL_KEYS}
+    return pairable_perplexity(perplexity(model, tokenizer, "handbook+kjv", 16, 256, 4, 0, progress=False))
 
 
 def measure_row(name: str, original, tokenizer) -> dict:
@@ -105,7 +100,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}}
-    data.pop("original_perplexity", None)  # files made before per-window sums were kept
     original, tokenizer = load_model("smollm2-135m")
     if "window_nll_sum" not in data.get("original", {}):
         data["original"] = measure_perplexity(original, tokenizer)

@@ -29,7 +29,7 @@ from mi_opt.artifacts import machine, model_fingerprint, versions, write_json
 from mi_opt.data import token_windows
 from mi_opt.evaluate import EvalConfig, evaluate
 from mi_opt.evaluate.config import DEFAULT_TASKS
-from mi_opt.evaluate.paired import generative_tasks
+from mi_opt.evaluate.paired import generative_tasks, pairable_perplexity
 from mi_opt.evaluate.result import EvalResult
 from mi_opt.evaluate.perplexity import perplexity
 from mi_opt.heal import HealConfig, heal_
@@ -113,17 +113,13 @@ def eval_config() -> EvalConfig:
                       tasks=TASKS, task_limit=None)
 
 
-# what a cell keeps of the KJV perplexity: the value, its interval, and the per-window sums to pair on
-KJV_KEYS = ("perplexity", "interval", "windows_hash", "window_nll_sum", "window_tokens")
-
-
 def measure(model, tokenizer) -> tuple[dict, EvalResult]:
     """The cell's summary and the full evaluation (per-item results, saved beside the cell)."""
     result = evaluate(model, tokenizer, eval_config(), progress=False)
     kjv = perplexity(model, tokenizer, "kjv", 16, 256, 4, 0, False)  # a domain healing never trains on
     tasks = {name: t["metrics"][t["primary"]] for name, t in result.tasks.items()}
     summary = {"perplexity": result.perplexity["perplexity"], "perplexity_kjv": kjv["perplexity"],
-               "kjv": {k: kjv[k] for k in KJV_KEYS}, "tasks": tasks, "generative": generative_tasks(result),
+               "kjv": pairable_perplexity(kjv), "tasks": tasks, "generative": generative_tasks(result),
                "n_items": {name: t["n"] for name, t in result.tasks.items()}}
     return summary, result
 

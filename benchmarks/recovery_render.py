@@ -71,6 +71,19 @@ def _ratio(value: float, unhealed: float, original: float) -> float:
     return (value - original) / (unhealed - original)
 
 
+def _remaining(cell: dict, unhealed: dict | None, original: dict, key: str) -> str | None:
+    """'0.46x' for a healed cell whose plan has an unhealed cell; None otherwise."""
+    if not (cell["heal"] and unhealed):
+        return None
+    return f"{_ratio(cell[key], unhealed[key], original[key]):.2f}x"
+
+
+def _comparisons(cell: dict, unhealed: dict | None, original: dict) -> tuple[dict, dict]:
+    """(cell vs the original, cell vs its unhealed plan: what healing bought), each paired."""
+    vs_original = _changes(original, cell) if cell is not original else {}
+    return vs_original, (_changes(unhealed, cell) if cell["heal"] and unhealed else {})
+
+
 def _heal_words(heal: dict | None) -> str:
     if heal is None:
         return "none"
@@ -90,12 +103,9 @@ def _row(name: str, cell: dict, unhealed: dict | None, original: dict) -> str:
     how = "-" if heal is None else _heal_words(heal)
     tokens = f"{_tokens(rec):,}" if rec else "-"
     wall = f"{rec['cost']['wall_time_s']:.0f}" if rec else "-"
-    ratio = (f"{_ratio(cell['perplexity'], unhealed['perplexity'], original['perplexity']):.2f}x"
-             if unhealed and heal else "1x" if unhealed else "-")
-    ratio_kjv = (f"{_ratio(cell['perplexity_kjv'], unhealed['perplexity_kjv'], original['perplexity_kjv']):.2f}x"
-                 if unhealed and heal else "1x" if unhealed else "-")
-    vs_original = _changes(original, cell) if cell is not original else {}
-    healing = _changes(unhealed, cell) if heal and unhealed else {}
+    ratio, ratio_kjv = (_remaining(cell, unhealed, original, k) or ("1x" if unhealed else "-")
+                        for k in ("perplexity", "perplexity_kjv"))
+    vs_original, healing = _comparisons(cell, unhealed, original)
     tasks = " | ".join(_score(cell, t) + _mark(vs_original, t) for t in _task_columns(original))
     return (f"| {name} | {how} | {tokens} | {wall} | {_ppl(cell, 'perplexity')}{_mark(vs_original, 'perplexity')} "
             f"| {ratio} | {_ppl(cell, 'perplexity_kjv')}{_mark(vs_original, 'perplexity_kjv')} | {ratio_kjv} "
@@ -297,13 +307,12 @@ def readme_table(out: Path, cells: dict) -> str:
         key=lambda kv: (README_PLANS.index(kv[1]["plan"]), kv[1]["heal"] is not None, list(cells).index(kv[0])))
     for name, cell in rows:
         unhealed = found.get(f"{cell['plan']}-unhealed") if cell["plan"] else None
-        vs_original = _changes(original, cell) if cell is not original else {}
-        healing = _changes(unhealed, cell) if cell["heal"] and unhealed else {}
+        vs_original, healing = _comparisons(cell, unhealed, original)
         rec = cell.get("heal_record")
         values = []
         for key in ("perplexity", "perplexity_kjv"):
-            ratio = (f" ({_ratio(cell[key], unhealed[key], original[key]):.2f}x)" if cell["heal"] and unhealed else "")
-            values.append(f"{cell[key]:.2f}{_mark(vs_original, key)}{ratio}")
+            ratio = _remaining(cell, unhealed, original, key)
+            values.append(f"{cell[key]:.2f}{_mark(vs_original, key)}" + (f" ({ratio})" if ratio else ""))
         values += [f"{cell['tasks'][t]:.3f}{_mark(vs_original, t)}" for t in tasks]
         values.append(f"{_generative(cell):.3f}{_mark(vs_original, 'generative_mean')}")
         values += [change_text(healing.get("perplexity"), 1) or "-", change_text(healing.get("generative_mean"), 3) or "-"]

@@ -32,6 +32,15 @@ def task_change(base: dict | None, other: dict | None) -> dict:
     return out
 
 
+# What a perplexity result (evaluate/perplexity.py) must keep for perplexity_change to pair it later.
+PAIRABLE_PERPLEXITY_KEYS = ("perplexity", "interval", "windows_hash", "window_nll_sum", "window_tokens")
+
+
+def pairable_perplexity(result: dict) -> dict:
+    """The part of a perplexity result worth storing: its value, interval and per-window sums."""
+    return {k: result[k] for k in PAIRABLE_PERPLEXITY_KEYS}
+
+
 def perplexity_change(base: dict | None, other: dict | None) -> dict:
     """Paired change of perplexity over the same windows, or {"reason": why not}."""
     if not base or not other:

@@ -1,4 +1,4 @@
-from mi_opt.evaluate.paired import generative_tasks, result_changes
+from mi_opt.evaluate.paired import generative_tasks, pairable_perplexity, perplexity_change, result_changes
 from mi_opt.evaluate.result import EvalResult
 from mi_opt.evaluate.stats import perplexity_summary, score_summary
 
@@ -57,3 +57,12 @@ def test_change_text_shows_interval_and_mark_and_none_when_unpaired():
     assert change_text({"change": -1.234, "interval": [-2.0, -0.0004], "significant": True}, 1) == "-1.2 [-2.0, 0.0]*"
     assert change_text({"change": 0.5, "interval": [-0.1, 1.1], "significant": False}, 2) == "+0.50 [-0.10, 1.10]"
     assert change_text({"reason": "no per-item results"}, 1) is None and change_text(None, 1) is None
+
+
+def test_a_stored_perplexity_keeps_what_pairing_needs_and_nothing_else():
+    full = {**_result([1], [1], [1], NLL).perplexity, "n_tokens": 496, "source": "handbook"}
+    worse = {**full, "window_nll_sum": [x + 5 for x in NLL]}
+    stored, stored_worse = pairable_perplexity(full), pairable_perplexity(worse)
+    assert "source" not in stored and stored["window_nll_sum"] == NLL
+    assert perplexity_change(stored, stored_worse) == perplexity_change(full, worse)
+    assert perplexity_change(stored, stored_worse)["significant"]
